@@ -1,0 +1,273 @@
+"""The object store every stage reads from and writes to: a local directory or an S3 bucket.
+
+A store is addressed by one URL (``DISTILL_STORE``): a plain path or ``file://`` URL for the
+local default, ``s3://bucket/prefix`` for S3 and S3-compatible servers (MinIO, ...), whose
+endpoint comes from ``endpoint_url`` or ``AWS_ENDPOINT_URL``. Keys are ``/``-separated and
+relative to the store's root, so a layout is the same on both.
+
+Writes are atomic per object: the local store writes a temporary file and renames it; S3 puts
+are atomic by nature. Multi-object outputs are published by writing their manifest last.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+from urllib.parse import urlparse
+
+DEFAULT_LOCAL_STORE = ".distill_store"
+
+T = TypeVar("T")
+
+
+class ObjectNotFound(KeyError):
+    """The key does not exist in the store."""
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+    # An opaque version tag that changes when the object's bytes change (S3 ETag, or the
+    # local file's mtime and size); sensors use it to notice rewritten objects.
+    version: str
+
+
+class ObjectStore(Protocol):
+    """The few operations the pipeline needs from a blob store."""
+
+    @property
+    def url(self) -> str: ...
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+
+    def get_bytes(self, key: str) -> bytes: ...
+
+    def exists(self, key: str) -> bool: ...
+
+    def list(self, prefix: str) -> list[ObjectInfo]: ...
+
+    def delete(self, key: str) -> None: ...
+
+    def put_file(self, key: str, path: Path) -> None: ...
+
+    def get_file(self, key: str, path: Path) -> None: ...
+
+
+def _check_key(key: str) -> str:
+    parts = key.split("/")
+    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+        raise ValueError(f"invalid store key {key!r}")
+    return key
+
+
+class LocalStore:
+    """A directory on the local file system."""
+
+    def __init__(self, root: str | Path) -> None:
+        self.root = Path(root).expanduser().resolve()
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def url(self) -> str:
+        return self.root.as_uri()
+
+    def _path(self, key: str) -> Path:
+        return self.root / _check_key(key)
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix="." + path.name)
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def put_file(self, key: str, path: Path) -> None:
+        target = self._path(key)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=".tmp-", suffix="." + target.name)
+        os.close(fd)
+        try:
+            with open(path, "rb") as src, open(tmp, "wb") as dst:
+                while chunk := src.read(1 << 22):
+                    dst.write(chunk)
+                dst.flush()
+                os.fsync(dst.fileno())
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+
+    def get_file(self, key: str, path: Path) -> None:
+        source = self._path(key)
+        if not source.is_file():
+            raise ObjectNotFound(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(source, "rb") as src, open(path, "wb") as dst:
+            while chunk := src.read(1 << 22):
+                dst.write(chunk)
+
+    def exists(self, key: str) -> bool:
+        return self._path(key).is_file()
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        # A prefix may end inside a file name (``logs/dt=2024``), so walk from its directory.
+        base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
+        if not base.is_dir():
+            return []
+        found = []
+        for dirpath, _dirnames, filenames in os.walk(base):
+            for name in filenames:
+                if name.startswith(".tmp-"):
+                    continue
+                full = Path(dirpath) / name
+                key = full.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    stat = full.stat()
+                    found.append(ObjectInfo(key, stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"))
+        return sorted(found, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+def with_retries(call: Callable[[], T], *, attempts: int = 5, base_delay_s: float = 0.2) -> T:
+    """Run ``call``, retrying throttling and transient server errors with jittered backoff.
+
+    botocore retries too (its "standard" mode is configured on the client); this outer loop
+    covers connection resets that surface after botocore gave up, which long runs do meet.
+    """
+    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
+
+    for attempt in range(attempts):
+        try:
+            return call()
+        except ClientError as exc:
+            code = exc.response.get("Error", {}).get("Code", "")
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
+            transient = status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}
+            if not transient or attempt == attempts - 1:
+                raise
+        except BotoConnectionError:
+            if attempt == attempts - 1:
+                raise
+        time.sleep(base_delay_s * (2**attempt) * (0.5 + random.random()))
+    raise AssertionError("unreachable")
+
+
+class S3Store:
+    """A bucket and key prefix on S3 or any S3-compatible server."""
+
+    def __init__(self, bucket: str, prefix: str = "", client: Any | None = None, endpoint_url: str | None = None) -> None:
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        if client is None:
+            client = make_s3_client(endpoint_url)
+        self.client = client
+
+    @property
+    def url(self) -> str:
+        return f"s3://{self.bucket}/{self.prefix}" if self.prefix else f"s3://{self.bucket}"
+
+    def _key(self, key: str) -> str:
+        _check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _relative(self, full_key: str) -> str:
+        return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        with_retries(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+
+    def put_file(self, key: str, path: Path) -> None:
+        with_retries(lambda: self.client.upload_file(str(path), self.bucket, self._key(key)))
+
+    def get_bytes(self, key: str) -> bytes:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = with_retries(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
+        except ClientError as exc:
+            if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
+                raise ObjectNotFound(key) from None
+            raise
+        return response["Body"].read()
+
+    def get_file(self, key: str, path: Path) -> None:
+        if not self.exists(key):
+            raise ObjectNotFound(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with_retries(lambda: self.client.download_file(self.bucket, self._key(key), str(path)))
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            with_retries(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+            return True
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+
+    def _pages(self, prefix: str) -> Iterator[dict[str, Any]]:
+        paginator = self.client.get_paginator("list_objects_v2")
+        full_prefix = f"{self.prefix}/{prefix}" if self.prefix else prefix
+        yield from paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)
+
+    def list(self, prefix: str) -> list[ObjectInfo]:
+        found = []
+        for page in with_retries(lambda: list(self._pages(prefix))):
+            for item in page.get("Contents", []):
+                found.append(ObjectInfo(self._relative(item["Key"]), int(item["Size"]), item["ETag"].strip('"')))
+        return sorted(found, key=lambda info: info.key)
+
+    def delete(self, key: str) -> None:
+        with_retries(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+
+
+def make_s3_client(endpoint_url: str | None = None, region_name: str | None = None) -> Any:
+    """A boto3 S3 client with adaptive retries; credentials come from the usual AWS chain."""
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client(
+        "s3",
+        endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        region_name=region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
+        config=Config(retries={"max_attempts": 8, "mode": "adaptive"}),
+    )
+
+
+def open_store(url: str | None = None, *, s3_client: Any | None = None, endpoint_url: str | None = None) -> ObjectStore:
+    """The store at ``url`` (default: ``$DISTILL_STORE``, else ``./.distill_store``)."""
+    url = url or os.environ.get("DISTILL_STORE") or DEFAULT_LOCAL_STORE
+    parsed = urlparse(url)
+    if parsed.scheme == "s3":
+        if not parsed.netloc:
+            raise ValueError(f"S3 store URL needs a bucket: {url!r}")
+        return S3Store(parsed.netloc, parsed.path, client=s3_client, endpoint_url=endpoint_url)
+    if parsed.scheme == "file":
+        return LocalStore(parsed.path)
+    if parsed.scheme in ("", "local") or (len(parsed.scheme) == 1 and os.name == "nt"):
+        return LocalStore(url.removeprefix("local://"))
+    raise ValueError(f"unsupported store URL {url!r}: use a path, file://..., or s3://bucket/prefix")

@@ -1,0 +1,152 @@
+"""Tasks as configuration: a task's label set, prompt templates, curation and split settings.
+
+A task is a folder with a ``task.toml`` and its prompt files. The built-in tasks live in
+``distill_pipeline/tasks/<id>/``; ``DISTILL_TASK`` may name a built-in id or a path to another
+folder, so a new task needs no change to the pipeline.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+BUILTIN_TASKS_DIR = Path(__file__).parent / "tasks"
+DEFAULT_TASK = "toxicity"
+
+
+@dataclass(frozen=True)
+class LabelSpec:
+    field: str
+    values: tuple[int, ...]
+    names: tuple[str, ...]
+    positive: int | None
+    # normalised plain-text answer -> label value
+    aliases: dict[str, int]
+
+    def name_of(self, value: int) -> str:
+        return self.names[self.values.index(value)]
+
+
+@dataclass(frozen=True)
+class PromptTemplate:
+    id: str
+    version: str
+    text: str
+    placeholder: str = "%s"
+    description: str = ""
+
+    def render(self, task_input: str) -> str:
+        return self.text.replace(self.placeholder, task_input, 1)
+
+    @property
+    def sha256(self) -> str:
+        return hashlib.sha256(self.text.encode()).hexdigest()
+
+
+@dataclass(frozen=True)
+class CurationConfig:
+    min_chars: int = 1
+    max_chars: int = 20_000
+    drop_patterns: dict[str, str] = field(default_factory=dict)
+    max_examples_per_user: int | None = None
+    near_duplicate_threshold: float | None = 0.8
+    scrub_pii: bool = False
+
+
+@dataclass(frozen=True)
+class SplitConfig:
+    in_distribution_test_size: int = 500
+    balanced_test_size: int = 200
+    train_sizes: tuple[str, ...] = ("5%", "10%", "25%", "50%", "75%", "100%")
+    seed: int = 17
+
+
+@dataclass(frozen=True)
+class CheckConfig:
+    max_parse_failure_rate: float = 0.05
+    max_quarantine_rate: float = 0.05
+    min_curated_rows: int = 100
+    min_positive_rate: float = 0.02
+    max_positive_rate: float = 0.98
+
+
+@dataclass(frozen=True)
+class Task:
+    id: str
+    description: str
+    label: LabelSpec
+    prompts: dict[str, PromptTemplate]
+    curation: CurationConfig
+    splits: SplitConfig
+    checks: CheckConfig
+    source: Path
+
+    def prompt(self, prompt_id: str) -> PromptTemplate:
+        try:
+            return self.prompts[prompt_id]
+        except KeyError:
+            raise KeyError(f"task {self.id!r} has no prompt {prompt_id!r}; known: {sorted(self.prompts)}") from None
+
+
+class TaskConfigError(ValueError):
+    """A task file is missing something or contradicts itself."""
+
+
+def _label_spec(raw: dict[str, Any]) -> LabelSpec:
+    values = tuple(int(v) for v in raw["values"])
+    names = tuple(str(n) for n in raw.get("names", [str(v) for v in values]))
+    if len(names) != len(values):
+        raise TaskConfigError("label.names must have one name per label value")
+    aliases: dict[str, int] = {}
+    for value, words in raw.get("aliases", {}).items():
+        if int(value) not in values:
+            raise TaskConfigError(f"label alias for unknown value {value!r}")
+        for word in words:
+            aliases[str(word).strip().lower()] = int(value)
+    for value, name in zip(values, names, strict=True):
+        aliases.setdefault(str(value), value)
+        aliases.setdefault(name.lower(), value)
+    positive = raw.get("positive")
+    if positive is not None and int(positive) not in values:
+        raise TaskConfigError("label.positive must be one of label.values")
+    return LabelSpec(str(raw["field"]), values, names, None if positive is None else int(positive), aliases)
+
+
+def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
+    """Load a task by built-in id or folder path (default: ``$DISTILL_TASK`` or toxicity)."""
+    name = str(name_or_path or os.environ.get("DISTILL_TASK") or DEFAULT_TASK)
+    folder = Path(name)
+    if not (folder / "task.toml").is_file():
+        folder = BUILTIN_TASKS_DIR / name
+    if not (folder / "task.toml").is_file():
+        raise TaskConfigError(f"no task.toml for task {name!r} (looked in {folder})")
+    raw = tomllib.loads((folder / "task.toml").read_text())
+    try:
+        prompts = {}
+        for entry in raw.get("prompts", []):
+            text = (folder / entry["file"]).read_text()
+            placeholder = entry.get("placeholder", "%s")
+            if placeholder not in text:
+                raise TaskConfigError(f"prompt {entry['id']!r} lacks its placeholder {placeholder!r}")
+            prompts[entry["id"]] = PromptTemplate(
+                entry["id"], str(entry.get("version", "1")), text, placeholder, entry.get("description", "")
+            )
+        splits = dict(raw.get("splits", {}))
+        if "train_sizes" in splits:
+            splits["train_sizes"] = tuple(str(s) for s in splits["train_sizes"])
+        return Task(
+            id=raw["id"],
+            description=raw.get("description", ""),
+            label=_label_spec(raw["label"]),
+            prompts=prompts,
+            curation=CurationConfig(**raw.get("curation", {})),
+            splits=SplitConfig(**splits),
+            checks=CheckConfig(**raw.get("checks", {})),
+            source=folder,
+        )
+    except (KeyError, TypeError) as exc:
+        raise TaskConfigError(f"task {name!r}: {exc}") from exc
