@@ -107,3 +107,8 @@ def log_object_prefix(day: str) -> str:
 def log_object_key(day: str, name: str) -> str:
     """Key of a log object; ``name`` should be unique per writer and batch."""
     return f"{log_object_prefix(day)}{name}.jsonl"
+
+
+def encode_log_object(lines: list[str]) -> bytes:
+    """The bytes of a log object: one JSON record per line, UTF-8, newline-terminated."""
+    return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""
