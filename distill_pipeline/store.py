@@ -19,7 +19,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
-from urllib.parse import urlparse
+from urllib.parse import unquote, urlparse
 
 DEFAULT_LOCAL_STORE = ".distill_store"
 
@@ -61,10 +61,18 @@ class ObjectStore(Protocol):
 
 
 def _check_key(key: str) -> str:
-    parts = key.split("/")
-    if not key or key.startswith("/") or any(p in ("", ".", "..") for p in parts[:-1]) or parts[-1] in (".", ".."):
+    # An empty part also rules out "", "/abs" and "dir/": on S3 "dir/" is a key of its own,
+    # in a directory it would alias "dir".
+    if any(part in ("", ".", "..") for part in key.split("/")):
         raise ValueError(f"invalid store key {key!r}")
     return key
+
+
+def _check_prefix(prefix: str) -> str:
+    """A list prefix: like a key, except that it may be empty or end in "/" or mid-name."""
+    if any(part in ("", ".", "..") for part in prefix.split("/")[:-1]):
+        raise ValueError(f"invalid store prefix {prefix!r}")
+    return prefix
 
 
 class LocalStore:
@@ -114,7 +122,7 @@ class LocalStore:
     def get_bytes(self, key: str) -> bytes:
         try:
             return self._path(key).read_bytes()
-        except FileNotFoundError:
+        except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
 
     def get_file(self, key: str, path: Path) -> None:
@@ -131,6 +139,7 @@ class LocalStore:
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         # A prefix may end inside a file name (``logs/dt=2024``), so walk from its directory.
+        _check_prefix(prefix)
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
         if not base.is_dir():
             return []
@@ -147,7 +156,9 @@ class LocalStore:
         return sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        path = self._path(key)
+        if path.is_file():
+            path.unlink(missing_ok=True)
 
 
 def with_retries(call: Callable[[], T], *, attempts: int = 5, base_delay_s: float = 0.2) -> T:
@@ -156,7 +167,8 @@ def with_retries(call: Callable[[], T], *, attempts: int = 5, base_delay_s: floa
     botocore retries too (its "standard" mode is configured on the client); this outer loop
     covers connection resets that surface after botocore gave up, which long runs do meet.
     """
-    from botocore.exceptions import ClientError, ConnectionError as BotoConnectionError
+    from botocore.exceptions import ClientError
+    from botocore.exceptions import ConnectionError as BotoConnectionError
 
     for attempt in range(attempts):
         try:
@@ -235,6 +247,7 @@ class S3Store:
         yield from paginator.paginate(Bucket=self.bucket, Prefix=full_prefix)
 
     def list(self, prefix: str) -> list[ObjectInfo]:
+        _check_prefix(prefix)
         found = []
         for page in with_retries(lambda: list(self._pages(prefix))):
             for item in page.get("Contents", []):
@@ -267,7 +280,10 @@ def open_store(url: str | None = None, *, s3_client: Any | None = None, endpoint
             raise ValueError(f"S3 store URL needs a bucket: {url!r}")
         return S3Store(parsed.netloc, parsed.path, client=s3_client, endpoint_url=endpoint_url)
     if parsed.scheme == "file":
-        return LocalStore(parsed.path)
+        # file://data/x names the host "data"; reading it as the path /x would write elsewhere.
+        if parsed.netloc not in ("", "localhost"):
+            raise ValueError(f"file URL must be file:///absolute/path, got {url!r}")
+        return LocalStore(unquote(parsed.path))
     if parsed.scheme in ("", "local") or (len(parsed.scheme) == 1 and os.name == "nt"):
         return LocalStore(url.removeprefix("local://"))
     raise ValueError(f"unsupported store URL {url!r}: use a path, file://..., or s3://bucket/prefix")

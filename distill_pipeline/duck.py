@@ -1,0 +1,37 @@
+"""DuckDB connections configured the same way everywhere: UTC, bounded memory, spill to disk."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+
+#: DuckDB's share of memory; larger inputs spill to the temp directory instead of growing RSS.
+DEFAULT_MEMORY_LIMIT = os.environ.get("DISTILL_DUCKDB_MEMORY_LIMIT", "2GB")
+
+
+def connect(workdir: Path | None = None, *, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> duckdb.DuckDBPyConnection:
+    """A connection whose database and spill files live in ``workdir`` (in memory when None)."""
+    database = ":memory:"
+    if workdir is not None:
+        workdir.mkdir(parents=True, exist_ok=True)
+        database = str(workdir / "work.duckdb")
+    con = duckdb.connect(database)
+    con.execute("SET TimeZone = 'UTC'")
+    con.execute(f"SET memory_limit = '{memory_limit}'")
+    if workdir is not None:
+        con.execute(f"SET temp_directory = '{workdir / 'spill'}'")
+    # Rows keep the order they were read in, so "first seen" means first in the object.
+    con.execute("SET preserve_insertion_order = true")
+    return con
+
+
+def sql_string(value: str) -> str:
+    """A SQL string literal."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    con.execute(f"COPY ({query}) TO {sql_string(str(path))} (FORMAT parquet, COMPRESSION zstd)")

@@ -1,0 +1,259 @@
+"""The object store contract, run against both stores: a local directory and S3 on a moto server."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from distill_pipeline.store import (
+    DEFAULT_LOCAL_STORE,
+    LocalStore,
+    ObjectNotFound,
+    ObjectStore,
+    S3Store,
+    open_store,
+)
+
+INVALID_KEYS = ["", "../x", "/abs", "a//b", "a/../b", "./a", "a/.", "a/..", "a/", "..", "."]
+BINARY = bytes(range(256)) * 4
+
+
+def test_put_get_round_trip(any_store: ObjectStore) -> None:
+    any_store.put_bytes("a/b/c.bin", BINARY)
+    any_store.put_bytes("empty", b"")
+    any_store.put_bytes("unicode/é ü.txt", "héllo".encode())
+    assert any_store.get_bytes("a/b/c.bin") == BINARY
+    assert any_store.get_bytes("empty") == b""
+    assert any_store.get_bytes("unicode/é ü.txt") == "héllo".encode()
+
+
+def test_overwrite_replaces_bytes(any_store: ObjectStore) -> None:
+    any_store.put_bytes("k.txt", b"first, longer")
+    any_store.put_bytes("k.txt", b"second")
+    assert any_store.get_bytes("k.txt") == b"second"
+    assert [info.key for info in any_store.list("")] == ["k.txt"]
+
+
+def test_list_by_prefix(any_store: ObjectStore) -> None:
+    contents = {
+        "logs/dt=2024-01-01/a.jsonl": b"1",
+        "logs/dt=2024-01-02/b.jsonl": b"22",
+        "logs/dt=2024-02-01/c.jsonl": b"333",
+        "logs/dt=2025-01-01/d.jsonl": b"4444",
+        "logsbook.txt": b"55555",
+        "tables/t.parquet": b"666666",
+    }
+    for key, data in contents.items():
+        any_store.put_bytes(key, data)
+
+    def keys(prefix: str) -> list[str]:
+        return [info.key for info in any_store.list(prefix)]
+
+    assert keys("") == sorted(contents)
+    assert keys("logs/") == sorted(k for k in contents if k.startswith("logs/"))
+    # A prefix may end mid-name, as S3 prefixes do.
+    assert keys("logs/dt=2024-0") == [
+        "logs/dt=2024-01-01/a.jsonl",
+        "logs/dt=2024-01-02/b.jsonl",
+        "logs/dt=2024-02-01/c.jsonl",
+    ]
+    assert keys("logs/dt=2024-01") == ["logs/dt=2024-01-01/a.jsonl", "logs/dt=2024-01-02/b.jsonl"]
+    assert keys("logs") == sorted(k for k in contents if k.startswith("logs"))
+    assert keys("logs/dt=2024-01-01/a.jsonl") == ["logs/dt=2024-01-01/a.jsonl"]
+    assert keys("nothing/") == []
+    assert keys("logs/dt=2026") == []
+    assert {info.key: info.size for info in any_store.list("")} == {k: len(v) for k, v in contents.items()}
+
+
+def test_list_version_changes_with_bytes(any_store: ObjectStore) -> None:
+    any_store.put_bytes("v/obj", b"aaaa")
+    (first,) = any_store.list("v/")
+    assert first.version
+    assert any_store.list("v/")[0].version == first.version  # stable while unchanged
+    any_store.put_bytes("v/obj", b"bbbb")  # same size, different bytes
+    (second,) = any_store.list("v/")
+    assert (second.size, second.version != first.version) == (4, True)
+
+
+def test_exists_and_delete(any_store: ObjectStore) -> None:
+    assert not any_store.exists("d/x")
+    any_store.put_bytes("d/x", b"x")
+    any_store.put_bytes("d/y", b"y")
+    assert any_store.exists("d/x")
+    any_store.delete("d/x")
+    assert not any_store.exists("d/x")
+    assert [info.key for info in any_store.list("d/")] == ["d/y"]
+    any_store.delete("d/x")  # deleting a missing key is a no-op
+    any_store.delete("never/there")
+
+
+def test_missing_key_raises_object_not_found(any_store: ObjectStore, tmp_path: Path) -> None:
+    with pytest.raises(ObjectNotFound):
+        any_store.get_bytes("no/such/key")
+    with pytest.raises(ObjectNotFound):
+        any_store.get_file("no/such/key", tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+    assert issubclass(ObjectNotFound, KeyError)
+
+
+def test_prefix_of_other_keys_is_not_an_object(any_store: ObjectStore, tmp_path: Path) -> None:
+    """A "directory" exists only as the prefix of its objects, in both stores."""
+    any_store.put_bytes("dir/inner/obj", b"x")
+    for key in ("dir", "dir/inner"):
+        assert not any_store.exists(key)
+        with pytest.raises(ObjectNotFound):
+            any_store.get_bytes(key)
+        with pytest.raises(ObjectNotFound):
+            any_store.get_file(key, tmp_path / "out")
+        any_store.delete(key)
+    assert any_store.get_bytes("dir/inner/obj") == b"x"
+    with pytest.raises(ObjectNotFound):
+        any_store.get_bytes("dir/inner/obj/below")
+
+
+def test_put_file_get_file(any_store: ObjectStore, tmp_path: Path) -> None:
+    source = tmp_path / "source.bin"
+    data = BINARY * 5000  # ~5 MB: s3transfer's multipart threshold is 8 MB, the local copy chunks at 4 MB
+    source.write_bytes(data)
+    any_store.put_file("files/blob.bin", source)
+    assert any_store.get_bytes("files/blob.bin") == data
+    target = tmp_path / "new" / "nested" / "blob.bin"
+    any_store.get_file("files/blob.bin", target)
+    assert target.read_bytes() == data
+    any_store.put_bytes("files/small", b"small")
+    any_store.get_file("files/small", target)  # overwrites an existing file
+    assert target.read_bytes() == b"small"
+
+
+@pytest.mark.parametrize("key", INVALID_KEYS)
+def test_invalid_keys_rejected(any_store: ObjectStore, key: str, tmp_path: Path) -> None:
+    any_store.put_bytes("ok", b"1")
+    for call in (
+        lambda: any_store.put_bytes(key, b"x"),
+        lambda: any_store.get_bytes(key),
+        lambda: any_store.exists(key),
+        lambda: any_store.delete(key),
+        lambda: any_store.put_file(key, tmp_path / "whatever"),
+        lambda: any_store.get_file(key, tmp_path / "whatever"),
+    ):
+        with pytest.raises(ValueError, match="invalid store key"):
+            call()
+    assert [info.key for info in any_store.list("")] == ["ok"]
+
+
+@pytest.mark.parametrize("prefix", ["../", "/", "/etc/", "a//", "a/../", "../../etc/passwd"])
+def test_hostile_list_prefixes_rejected(any_store: ObjectStore, prefix: str) -> None:
+    any_store.put_bytes("a/ok", b"1")
+    with pytest.raises(ValueError, match="invalid store prefix"):
+        any_store.list(prefix)
+
+
+def test_local_store_stays_under_its_root(tmp_path: Path) -> None:
+    (tmp_path / "outside.txt").write_text("secret")
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(ValueError):
+        store.get_bytes("../outside.txt")
+    with pytest.raises(ValueError):
+        store.list("../")
+    assert store.list("") == []
+
+
+def test_local_store_hides_its_temp_files(local_store: LocalStore) -> None:
+    local_store.put_bytes("t/obj", b"x")
+    (local_store.root / "t" / ".tmp-abandoned.obj").write_bytes(b"half written")
+    assert [info.key for info in local_store.list("")] == ["t/obj"]
+
+
+def test_s3_keys_are_relative_to_the_store_prefix(s3_store: S3Store) -> None:
+    bucket, client = s3_store.bucket, s3_store.client
+    sibling = S3Store(bucket, "some/prefix2", client=client)  # shares a string prefix
+    other = S3Store(bucket, "elsewhere", client=client)
+    root = S3Store(bucket, "", client=client)
+
+    s3_store.put_bytes("logs/a.jsonl", b"mine")
+    sibling.put_bytes("logs/a.jsonl", b"sibling")
+    other.put_bytes("logs/b.jsonl", b"other")
+
+    assert [info.key for info in s3_store.list("")] == ["logs/a.jsonl"]
+    assert [info.key for info in sibling.list("logs/")] == ["logs/a.jsonl"]
+    assert [info.key for info in other.list("")] == ["logs/b.jsonl"]
+    assert s3_store.get_bytes("logs/a.jsonl") == b"mine"
+    assert sibling.get_bytes("logs/a.jsonl") == b"sibling"
+    assert not other.exists("logs/a.jsonl")
+    assert not s3_store.exists("logs/b.jsonl")
+    assert [info.key for info in root.list("")] == [
+        "elsewhere/logs/b.jsonl",
+        "some/prefix/logs/a.jsonl",
+        "some/prefix2/logs/a.jsonl",
+    ]
+    s3_store.delete("logs/a.jsonl")
+    assert sibling.get_bytes("logs/a.jsonl") == b"sibling"
+
+
+def test_store_url_reopens_the_same_store(any_store: ObjectStore, moto_s3_server: str) -> None:
+    any_store.put_bytes("x", b"1")
+    again = open_store(any_store.url, endpoint_url=moto_s3_server)
+    assert type(again) is type(any_store)
+    assert again.url == any_store.url
+    assert again.get_bytes("x") == b"1"
+
+
+def test_local_url_round_trip_with_unusual_characters(tmp_path: Path) -> None:
+    store = LocalStore(tmp_path / "my store é%20")
+    store.put_bytes("k", b"v")
+    again = open_store(store.url)
+    assert isinstance(again, LocalStore)
+    assert again.root == store.root
+    assert again.get_bytes("k") == b"v"
+
+
+class TestOpenStore:
+    def test_plain_path(self, tmp_path: Path) -> None:
+        store = open_store(str(tmp_path / "plain"))
+        assert isinstance(store, LocalStore)
+        assert store.root == (tmp_path / "plain").resolve()
+        assert store.root.is_dir()
+
+    def test_relative_path_resolves_against_cwd(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        store = open_store("rel/dir")
+        assert isinstance(store, LocalStore)
+        assert store.root == (tmp_path / "rel" / "dir").resolve()
+
+    def test_file_url(self, tmp_path: Path) -> None:
+        store = open_store((tmp_path / "viafile").as_uri())
+        assert isinstance(store, LocalStore)
+        assert store.root == (tmp_path / "viafile").resolve()
+        assert isinstance(open_store(f"file://localhost{tmp_path / 'viahost'}"), LocalStore)
+
+    def test_file_url_with_a_host_is_rejected(self) -> None:
+        # file://data/x names host "data", not the relative path data/x; writing to /x is wrong.
+        with pytest.raises(ValueError):
+            open_store("file://data/x")
+
+    def test_s3_url(self) -> None:
+        client = object()  # never called: parsing must not touch the network
+        store = open_store("s3://bucket/some/prefix/", s3_client=client)
+        assert isinstance(store, S3Store)
+        assert (store.bucket, store.prefix, store.client) == ("bucket", "some/prefix", client)
+        assert store.url == "s3://bucket/some/prefix"
+        bare = open_store("s3://bucket", s3_client=client)
+        assert isinstance(bare, S3Store)
+        assert (bare.bucket, bare.prefix, bare.url) == ("bucket", "", "s3://bucket")
+
+    @pytest.mark.parametrize("url", ["s3:///prefix", "s3://", "gs://bucket/x", "http://host/x", "ftp://h/p"])
+    def test_bad_urls_rejected(self, url: str) -> None:
+        with pytest.raises(ValueError):
+            open_store(url, s3_client=object())
+
+    def test_default_comes_from_env_then_local_dir(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        monkeypatch.chdir(tmp_path)
+        monkeypatch.setenv("DISTILL_STORE", str(tmp_path / "from-env"))
+        store = open_store()
+        assert isinstance(store, LocalStore)
+        assert store.root == (tmp_path / "from-env").resolve()
+        monkeypatch.delenv("DISTILL_STORE")
+        store = open_store()
+        assert isinstance(store, LocalStore)
+        assert store.root == (tmp_path / DEFAULT_LOCAL_STORE).resolve()
