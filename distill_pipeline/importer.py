@@ -81,7 +81,8 @@ class ImportMappingError(ValueError):
 class ColumnMapping:
     """Which source column fills which log field.
 
-    A field with no column takes its value from ``constants`` (``{"model": "openai/gpt-4"}``).
+    A field with no column takes its value from ``constants`` (``{"model": "openai/gpt-4"}``); a
+    constant also fills the null cells of a mapped column. ``user_id`` defaults to "anonymous".
     ``request_id``: a column holding the id; else ``request_id_from`` names the columns whose
     values identify a call and are hashed into the id; else the id is a hash of the source name
     and the whole row, so identical rows collapse into one (counted as ``duplicate_row``).
@@ -178,8 +179,9 @@ def detect_format(path: str | Path, source_format: str | None = None) -> str:
 def read_source_table(path: str | Path, source_format: str | None = None) -> pa.Table:
     """A CSV, Parquet or JSON-lines file as an Arrow table.
 
-    CSV cells are read as text (type inference would turn an id ``0012`` into 12); empty cells
-    are null. Casting to the log's types happens in SQL.
+    CSV cells are read as text (type inference would turn an id ``0012`` into 12); only empty
+    cells are null (a comment reading "NA" or "null" is a comment). Casting to the log's types
+    happens in SQL. JSON means JSON lines, one object per line.
     """
     kind = detect_format(path, source_format)
     if kind == "parquet":
@@ -192,7 +194,9 @@ def read_source_table(path: str | Path, source_format: str | None = None) -> pa.
         path,
         # Quoted cells may hold newlines (teacher answers do).
         parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(column_types=dict.fromkeys(names, pa.string()), strings_can_be_null=True),
+        convert_options=pa_csv.ConvertOptions(
+            column_types=dict.fromkeys(names, pa.string()), null_values=[""], strings_can_be_null=True
+        ),
     )
 
 
@@ -463,15 +467,17 @@ def _plan_fields(
         constants.setdefault("task", task.id)
     fields: dict[str, str] = {"schema_version": str(SCHEMA_VERSION)}
 
+    constants.setdefault("user_id", DEFAULT_USER_ID)
+
     for name in _STRING_FIELDS:
         column = mapping.column_for(name)
+        constant = f"CAST({_literal(constants.get(name))} AS VARCHAR)"
         if column is not None:
             prefix = mapping.prefixes.get(name, "")
             value = f"CAST({_quote(column)} AS VARCHAR)"
-            fields[name] = f"{_literal(prefix)} || {value}" if prefix else value
+            fields[name] = f"coalesce({_literal(prefix) + ' || ' if prefix else ''}{value}, {constant})"
         else:
-            fields[name] = f"CAST({_literal(constants.get(name))} AS VARCHAR)"
-    fields["user_id"] = f"coalesce({fields['user_id']}, {_literal(DEFAULT_USER_ID)})"
+            fields[name] = constant
     if (
         task is not None
         and mapping.column_for("prompt_template_version") is None
@@ -482,7 +488,9 @@ def _plan_fields(
 
     for name in _NUMBER_FIELDS:
         column = mapping.column_for(name)
-        value = f"CAST({_quote(column)} AS DOUBLE)" if column else f"CAST({_literal(constants.get(name))} AS DOUBLE)"
+        value = f"CAST({_literal(constants.get(name))} AS DOUBLE)"
+        if column is not None:
+            value = f"coalesce(CAST({_quote(column)} AS DOUBLE), {value})"
         # DuckDB writes NaN and inf as bare words, which are not JSON.
         fields[name] = f"CASE WHEN isfinite({value}) THEN {value} END"
 
@@ -500,7 +508,6 @@ def _plan_fields(
             fields[name] = base if constant is not None else "NULL::JSON"
     fields["feedback"] = _literal(constants["feedback"]) if constants.get("feedback") is not None else "NULL::JSON"
 
-    all_columns = ", ".join(f"{_literal(n)}, {_quote(n)}" for n in schema.names)
     if mapping.request_id is not None:
         duplicate_reason = "duplicate_request_id"
     elif mapping.request_id_from:
@@ -508,6 +515,7 @@ def _plan_fields(
         fields["request_id"] = f"left(sha256(CAST(json_array({key}) AS VARCHAR)), 32)"
         duplicate_reason = "duplicate_request_id"
     else:
+        all_columns = ", ".join(f"{_literal(n)}, {_quote(n)}" for n in schema.names)
         fields["request_id"] = (
             f"left(sha256({_literal(source_name)} || chr(10) || CAST(json_object({all_columns}) AS VARCHAR)), 32)"
         )

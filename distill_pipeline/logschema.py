@@ -55,7 +55,7 @@ SCHEMA_FIELDS: tuple[FieldSpec, ...] = (
 
 
 def utc_now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
 
 def new_request_id() -> str:
@@ -96,7 +96,7 @@ def day_of(timestamp: str) -> str:
     """The UTC day (``YYYY-MM-DD``) of an ISO timestamp."""
     parsed = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
     if parsed.tzinfo is not None:
-        parsed = parsed.astimezone(dt.timezone.utc)
+        parsed = parsed.astimezone(dt.UTC)
     return parsed.date().isoformat()
 
 

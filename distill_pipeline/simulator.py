@@ -30,7 +30,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from distill_pipeline.importer import log_line_sql, object_payloads, publish_day_objects, read_source_table
-from distill_pipeline.logschema import SCHEMA_VERSION
+from distill_pipeline.logschema import SCHEMA_FIELDS, SCHEMA_VERSION
 from distill_pipeline.store import ObjectStore
 from distill_pipeline.task import PromptTemplate, Task
 
@@ -466,6 +466,22 @@ class TrafficProfile:
     prompt_usd_per_million_tokens: float = 10.0
     completion_usd_per_million_tokens: float = 30.0
 
+    def __post_init__(self) -> None:
+        rates = ("toxic_rate", "teacher_accuracy", "reasoning_prompt_share", "error_rate", "empty_rate")
+        for name in rates:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if self.error_rate + self.empty_rate > 1.0:
+            raise ValueError("error_rate + empty_rate must not exceed 1")
+        if min(self.spam_rate, self.exact_duplicate_rate, self.near_duplicate_rate) < 0 or (
+            self.spam_rate + self.exact_duplicate_rate + self.near_duplicate_rate > 1.0
+        ):
+            raise ValueError("spam, exact and near duplicate rates must be non-negative and sum to at most 1")
+        if not 0.0 <= self.malformed_rate <= 0.5:
+            raise ValueError("malformed_rate must be within [0, 0.5]: faults need valid lines to repeat")
+        if self.n_users < 1 or self.records_per_object < 1:
+            raise ValueError("n_users and records_per_object must be positive")
+
 
 @dataclass(frozen=True)
 class SimulationSummary:
@@ -615,6 +631,8 @@ class _TrafficSource:
 
     def day(self, day: str, n: int) -> _DrawnDay:
         """The calls of one day, in time order, and the generator to continue drawing from."""
+        if n < 1:
+            raise ValueError("records_per_day must be positive")
         date = dt.date.fromisoformat(day)
         rng = np.random.default_rng(np.random.SeedSequence([self.seed, 1, date.toordinal()]))
         profile, label = self.profile, self.task.label
@@ -964,7 +982,7 @@ def _fault_plan(rng: np.random.Generator, n: int, rate: float) -> tuple[np.ndarr
     """Which lines of a day are written malformed (see ``_DrawnDay``), and which line a repeat repeats."""
     line_kind = np.zeros(n, np.int8)
     duplicate_of = np.full(n, -1, np.int64)
-    bad = rng.binomial(n, rate) if n > 1 else 0
+    bad = min(rng.binomial(n, rate), n // 2)
     if not bad:
         return line_kind, duplicate_of
     positions = rng.choice(n, size=bad, replace=False)
@@ -979,32 +997,11 @@ def _render_lines(con: duckdb.DuckDBPyConnection, rows: pa.Table, task: Task) ->
     """The JSON line of every row, as UTF-8 bytes (malformed ones are rewritten afterwards)."""
     con.register("simulated", rows)
     try:
-        line = log_line_sql(
-            {
-                "schema_version": str(SCHEMA_VERSION),
-                "task": "'" + task.id.replace("'", "''") + "'",
-                **{
-                    name: name
-                    for name in (
-                        "request_id",
-                        "timestamp",
-                        "user_id",
-                        "tenant_id",
-                        "model",
-                        "params",
-                        "prompt_template_id",
-                        "prompt_template_version",
-                        "input",
-                        "response",
-                        "usage",
-                        "latency_ms",
-                        "cost_usd",
-                        "error",
-                        "feedback",
-                    )
-                },
-            }
-        )
+        # The table's columns carry the log fields' names; the two constants are written inline.
+        expressions = {spec.name: spec.name for spec in SCHEMA_FIELDS}
+        expressions["schema_version"] = str(SCHEMA_VERSION)
+        expressions["task"] = "'" + task.id.replace("'", "''") + "'"
+        line = log_line_sql(expressions)
         lines = con.sql(f"SELECT {line} || chr(10) FROM simulated").to_arrow_table().column(0).combine_chunks()
     finally:
         con.unregister("simulated")

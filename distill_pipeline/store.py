@@ -189,7 +189,9 @@ def with_retries(call: Callable[[], T], *, attempts: int = 5, base_delay_s: floa
 class S3Store:
     """A bucket and key prefix on S3 or any S3-compatible server."""
 
-    def __init__(self, bucket: str, prefix: str = "", client: Any | None = None, endpoint_url: str | None = None) -> None:
+    def __init__(
+        self, bucket: str, prefix: str = "", client: Any | None = None, endpoint_url: str | None = None
+    ) -> None:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         if client is None:

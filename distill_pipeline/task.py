@@ -55,6 +55,7 @@ class CurationConfig:
     max_examples_per_user: int | None = None
     near_duplicate_threshold: float | None = 0.8
     scrub_pii: bool = False
+    balance_labels: bool = False
 
 
 @dataclass(frozen=True)

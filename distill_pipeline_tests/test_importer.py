@@ -85,7 +85,8 @@ def test_csv_source_with_constants_row_hash_ids_and_skips(tmp_path: Path) -> Non
         ",false,2024-05-02T08:00:00Z,0014\n"
         "late reply,false,2024-05-02T09:15:30.250Z,\n"
         "late reply,false,2024-05-02T09:15:30.250Z,\n"
-        "bad clock,false,yesterday-ish,0015\n",
+        "bad clock,false,yesterday-ish,0015\n"
+        "NA,null,2024-05-02T10:00:00Z,0016\n",
         encoding="utf-8",
     )
     mapping = ColumnMapping(
@@ -103,24 +104,26 @@ def test_csv_source_with_constants_row_hash_ids_and_skips(tmp_path: Path) -> Non
 
     summary = import_table(store, csv_path, mapping)
 
-    assert summary.rows_read == 6
+    assert summary.rows_read == 7
     assert summary.skipped == {"null_input": 1, "duplicate_row": 1, "unparseable_timestamp": 1}
     assert summary.skipped_examples == {"null_input": [2], "duplicate_row": [4], "unparseable_timestamp": [5]}
-    assert summary.rows_written == 3
-    assert summary.rows_per_day == {"2024-05-01": 2, "2024-05-02": 1}
+    assert summary.rows_written == 4
+    assert summary.rows_per_day == {"2024-05-01": 2, "2024-05-02": 2}
     assert [key.rsplit("/", 1)[1] for key in summary.object_keys] == [
         f"import-support_export-{summary.source_sha256[:8]}-00000.jsonl"
     ] * 2
     records = read_records(store, summary.object_keys)
     for record in records:
         assert_schema(record)
-    assert [r["input"] for r in records] == ['You are a clown, "friend"', "multi\nline ünïcode 🙂", "late reply"]
+    assert [r["input"] for r in records] == ['You are a clown, "friend"', "multi\nline ünïcode 🙂", "late reply", "NA"]
+    assert records[-1]["response"] == "null"  # only empty cells are null
     assert [r["timestamp"] for r in records] == [
         "2024-05-01T10:00:00.000Z",
         "2024-05-01T21:30:00.000Z",
         "2024-05-02T09:15:30.250Z",
+        "2024-05-02T10:00:00.000Z",
     ]
-    assert [r["user_id"] for r in records] == ["0012", "0013", "anonymous"]  # text kept; no user -> default
+    assert [r["user_id"] for r in records] == ["0012", "0013", "anonymous", "0016"]  # text kept; no user -> default
     assert {r["model"] for r in records} == {"openai/gpt-4-1106-preview"}
     assert {json.dumps(r["params"]) for r in records} == {'{"temperature": 0}'}
     assert records[0]["task"] is None and records[0]["prompt_template_version"] is None  # no task given

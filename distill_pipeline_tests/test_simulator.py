@@ -8,6 +8,7 @@ from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
 import pytest
 
@@ -226,4 +227,23 @@ def test_inputs_and_labels_can_come_from_a_corpus(tmp_path: Path, task: Task) ->
     with pytest.raises(ValueError, match="lacks column"):
         generate_traffic(
             days=DAYS[:1], records_per_day=10, seed=1, task=task, corpus_path=corpus, corpus_text_column="text"
+        )
+
+
+def test_generated_table_is_what_the_objects_hold(simulated, task: Task) -> None:
+    store, _summary = simulated
+    table = generate_traffic(days=DAYS, records_per_day=RECORDS_PER_DAY, seed=11, task=task, profile=PROFILE)
+    valid = table.filter(pc.equal(table["line_kind"], "valid"))
+    written = {}
+    for line in read_lines(store):
+        record = classify(line)[1]
+        if record is not None:
+            written.setdefault(record["request_id"], record)
+    assert set(valid.column("request_id").to_pylist()) == set(written)
+    for row in valid.slice(0, 200).to_pylist():
+        record = written[row["request_id"]]
+        assert (record["input"], record["response"], record["user_id"]) == (
+            row["input"],
+            row["response"],
+            row["user_id"],
         )
