@@ -10,7 +10,8 @@ add up: ``rows_in == kept + sum(removed_by_rule)``.
    (PII scrubbing, when enabled, rewrites inputs here; it removes nothing.)
 4. ``exact_duplicate``: the same normalised text (case, punctuation and spacing folded).
 5. ``near_duplicate``: word-set Jaccard similarity above a threshold with an earlier input,
-   found with MinHash and locality-sensitive hashing so that it is not quadratic.
+   found with MinHash and locality-sensitive hashing so that it is not quadratic: an input is
+   compared with the earliest input of each LSH bucket it falls in.
 6. ``user_cap``: at most N examples per user, a seeded random sample of each power user's rows,
    so a few heavy users do not dominate what the student learns.
 7. ``label_balance`` (optional): down-sample every label to the rarest label's count.
@@ -166,10 +167,14 @@ class Curator:
             )
             SELECT arrival, b AS band, hash(sig[b * {MINHASH_ROWS} + 1 : (b + 1) * {MINHASH_ROWS}]) AS bucket
             FROM signatures, range({MINHASH_BANDS}) AS t(b);
+            -- Each bucket is compared with its earliest member only, not pairwise: templated
+            -- traffic puts thousands of inputs in one bucket, and all pairs would be quadratic.
+            CREATE TEMP TABLE heads AS
+            SELECT band, bucket, min(arrival) AS head FROM bands GROUP BY band, bucket HAVING count(*) > 1;
             CREATE TEMP TABLE similar_pairs AS
             WITH candidates AS (
-                SELECT DISTINCT a.arrival AS earlier, b.arrival AS later
-                FROM bands a JOIN bands b ON a.band = b.band AND a.bucket = b.bucket AND a.arrival < b.arrival
+                SELECT DISTINCT h.head AS earlier, b.arrival AS later
+                FROM bands b JOIN heads h ON b.band = h.band AND b.bucket = h.bucket AND b.arrival > h.head
             )
             SELECT c.later, min(c.earlier) AS earlier
             FROM candidates c
@@ -232,7 +237,7 @@ class Curator:
     def write(self, curated_path: Path, removed_path: Path) -> None:
         duck.copy_to_parquet(
             self.con,
-            "SELECT * EXCLUDE (removed_by, removed_detail, arrival) FROM work WHERE removed_by IS NULL ORDER BY arrival",
+            "SELECT * EXCLUDE (removed_by, removed_detail, arrival, norm) FROM work WHERE removed_by IS NULL ORDER BY arrival",
             curated_path,
         )
         duck.copy_to_parquet(

@@ -195,10 +195,10 @@ def _validation_sql(max_line_bytes: int) -> str:
                 {type_branches}
                 WHEN TRY_CAST({value("schema_version")} AS BIGINT) NOT IN ({versions})
                     THEN 'unsupported schema_version ' || {value("schema_version")}
-                WHEN trim({value("request_id")}) = '' THEN 'empty request_id'
+                WHEN regexp_full_match({value("request_id")}, '[\\s\\p{{Z}}]*') THEN 'empty request_id'
                 WHEN length({value("request_id")}) > {MAX_REQUEST_ID_CHARS} THEN 'request_id longer than {MAX_REQUEST_ID_CHARS} characters'
                 WHEN TRY_CAST({value("timestamp")} AS TIMESTAMPTZ) IS NULL THEN 'timestamp is not ISO 8601'
-                WHEN trim({value("input")}) = '' THEN 'empty input'
+                WHEN regexp_full_match({value("input")}, '[\\s\\p{{Z}}]*') THEN 'empty input'
                 WHEN {value("response")} IS NULL AND {value("error")} IS NULL THEN 'neither response nor error'
             END AS reason
         FROM typed

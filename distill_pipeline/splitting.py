@@ -9,7 +9,8 @@ by normalised text. Rows are ranked once by a seeded hash of their request id an
 takes a prefix of that ranking, so every smaller set is a subset of every larger one and an
 ablation over sizes changes nothing but the size. The two draws hash with different salts: had
 the training ranking reused the test draw, the rows just past the balanced set's cut would be
-short of the rarer label.
+short of the rarer label. DuckDB combines ``hash(a, b, c)`` by XOR, so a salt alone only flips
+fixed bits of the test draw (the rankings stay correlated); the outer ``hash`` remixes it.
 """
 
 from __future__ import annotations
@@ -46,6 +47,15 @@ class TrainSize:
         if rows <= 0:
             raise ValueError(f"training-set size {spec!r} must be positive")
         return cls(rows=rows)
+
+    @classmethod
+    def from_key(cls, key: str) -> TrainSize:
+        """The size a partition key names (the inverse of :attr:`key`)."""
+        if key.endswith("pct"):
+            return cls.parse(key[: -len("pct")].replace("_", ".") + "%")
+        if key.startswith("n"):
+            return cls.parse(key[1:])
+        raise ValueError(f"{key!r} is not a training-set size key like '25pct' or 'n1000'")
 
     @property
     def key(self) -> str:
@@ -176,7 +186,7 @@ def build_train_set(
             CREATE TABLE pool AS
             SELECT * FROM curated
             WHERE request_id NOT IN (SELECT request_id FROM test_rows) AND norm NOT IN (SELECT norm FROM test_rows)
-            ORDER BY hash(request_id, {int(seed)}, 'train'), request_id
+            ORDER BY hash(hash(request_id, {int(seed)}, 'train')), request_id
             """
         )
         stats.pool_rows = con.execute("SELECT count(*) FROM pool").fetchone()[0]
@@ -184,7 +194,7 @@ def build_train_set(
         if size.rows is not None and size.rows > stats.pool_rows:
             stats.warnings.append(f"asked for {size.rows} rows but the pool has only {stats.pool_rows}")
         con.execute(
-            f"CREATE TABLE train AS SELECT * EXCLUDE (norm) FROM pool ORDER BY hash(request_id, {int(seed)}, 'train'), request_id "
+            f"CREATE TABLE train AS SELECT * EXCLUDE (norm) FROM pool ORDER BY hash(hash(request_id, {int(seed)}, 'train')), request_id "
             f"LIMIT {wanted}"
         )
         stats.label_counts = _label_counts(con, "train")

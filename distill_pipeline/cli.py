@@ -1,0 +1,131 @@
+"""The command line: ``distill-pipeline demo | simulate | import``."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+
+
+def _demo(args: argparse.Namespace) -> int:
+    from distill_pipeline.main_job import (
+        StageFailed,
+        plan_data_stages,
+        prepare_dagster_home,
+        recent_days,
+        run_steps,
+        summary_table,
+    )
+    from distill_pipeline.simulator import simulate_traffic
+    from distill_pipeline.splitting import TrainSize
+    from distill_pipeline.store import open_store
+    from distill_pipeline.task import load_task
+
+    started = time.perf_counter()
+    home = prepare_dagster_home(args.dagster_home)
+    store = open_store(args.store)
+    task = load_task(args.task)
+    # The Dagster resources read these, so the runs use the same store and task as this command.
+    os.environ["DISTILL_STORE"] = store.url
+    os.environ["DISTILL_TASK"] = str(task.source)
+    days = recent_days(args.days)
+    print(f"store: {store.url}\nDAGSTER_HOME: {home}\ntask: {task.id}")
+    if not args.no_simulate:
+        summary = simulate_traffic(store, days=days, records_per_day=args.records_per_day, seed=args.seed, task=task)
+        print(
+            f"simulated {summary.lines_written:,} log lines over {len(days)} days ({days[0]} .. {days[-1]}) "
+            f"from {summary.users:,} users, {sum(summary.malformed.values()):,} malformed on purpose"
+        )
+    steps = plan_data_stages(days, [TrainSize.parse(s).key for s in task.splits.train_sizes])
+    try:
+        outcomes = run_steps(steps)
+    except StageFailed as exc:
+        print(f"\n{exc}", file=sys.stderr)
+        return 1
+    print("\n" + summary_table(outcomes))
+    print(f"\ndone in {time.perf_counter() - started:.1f}s. See the runs: DAGSTER_HOME={home} dagster dev")
+    return 0
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from distill_pipeline.main_job import recent_days
+    from distill_pipeline.simulator import simulate_traffic
+    from distill_pipeline.store import open_store
+    from distill_pipeline.task import load_task
+
+    days = args.day or recent_days(args.days)
+    summary = simulate_traffic(
+        open_store(args.store),
+        days=days,
+        records_per_day=args.records_per_day,
+        seed=args.seed,
+        task=load_task(args.task),
+        corpus_path=args.corpus,
+    )
+    print(f"wrote {summary.lines_written:,} lines in {len(summary.object_keys)} objects")
+    return 0
+
+
+def _import(args: argparse.Namespace) -> int:
+    from distill_pipeline.importer import ColumnMapping, import_table, jigsaw_mapping
+    from distill_pipeline.store import open_store
+    from distill_pipeline.task import load_task
+
+    if args.preset == "jigsaw":
+        mapping = jigsaw_mapping()
+    else:
+        fields = dict(item.split("=", 1) for item in args.map)
+        if "input" not in fields or "response" not in fields:
+            print("--map input=<column> and --map response=<column> are required without --preset", file=sys.stderr)
+            return 2
+        constants = dict(item.split("=", 1) for item in args.constant)
+        mapping = ColumnMapping(**fields, constants=constants)
+    summary = import_table(open_store(args.store), args.table, mapping, default_day=args.day, task=load_task(args.task))
+    print(
+        f"read {summary.rows_read:,} rows, wrote {summary.rows_written:,} log records in "
+        f"{len(summary.object_keys)} objects; skipped {summary.skipped or 'none'}"
+    )
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="distill-pipeline", description=__doc__)
+    parser.add_argument("--store", help="store URL (default: $DISTILL_STORE or ./.distill_store)")
+    parser.add_argument("--task", help="task id or folder (default: $DISTILL_TASK or toxicity)")
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser("demo", help="simulate traffic, then materialise every stage headless")
+    demo.add_argument("--days", type=int, default=3, help="days of traffic, ending today (default 3)")
+    demo.add_argument("--records-per-day", type=int, default=20_000)
+    demo.add_argument("--seed", type=int, default=7)
+    demo.add_argument("--dagster-home", help="default: $DAGSTER_HOME or ./.dagster_home")
+    demo.add_argument("--no-simulate", action="store_true", help="use the logs already in the store")
+    demo.set_defaults(run=_demo)
+
+    simulate = commands.add_parser("simulate", help="write simulated teacher traffic into the store")
+    simulate.add_argument("--days", type=int, default=1)
+    simulate.add_argument("--day", action="append", help="a day to simulate (repeatable); overrides --days")
+    simulate.add_argument("--records-per-day", type=int, default=10_000)
+    simulate.add_argument("--seed", type=int, default=7)
+    simulate.add_argument("--corpus", help="draw inputs and true labels from this table instead")
+    simulate.set_defaults(run=_simulate)
+
+    importer = commands.add_parser("import", help="turn an existing table (CSV, Parquet, JSONL) into log objects")
+    importer.add_argument("table")
+    importer.add_argument("--preset", choices=["jigsaw"], help="a known column mapping")
+    importer.add_argument("--map", action="append", default=[], metavar="FIELD=COLUMN")
+    importer.add_argument("--constant", action="append", default=[], metavar="FIELD=VALUE")
+    importer.add_argument("--day", help="day for rows without a timestamp (YYYY-MM-DD)")
+    importer.set_defaults(run=_import)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
