@@ -74,7 +74,9 @@ class Result:
         return [r["request_id"] for r in self.removed if r["rule"] == rule]
 
 
-def run(tmp_path: Path, rows_or_paths: list, config: CurationConfig = OFF, *, seed: int = 1, name: str = "run") -> Result:
+def run(
+    tmp_path: Path, rows_or_paths: list, config: CurationConfig = OFF, *, seed: int = 1, name: str = "run"
+) -> Result:
     out = tmp_path / name
     if rows_or_paths and isinstance(rows_or_paths[0], Path):
         paths = rows_or_paths
@@ -159,15 +161,18 @@ def test_near_duplicates(tmp_path):
         row("original", TWELVE, minute=0),
         row("edited", ONE_WORD_CHANGED, minute=1),
         row("different", OVERLAPPING, minute=2),
-        # Too few words to call one change a near duplicate: "ok" and "no" are different answers.
+        # Under four distinct words, even the same words in another order are another comment
+        # ("this is ok" / "is this ok"); from four on, a reordering is a near duplicate.
         row("short-a", "this is ok", minute=3),
-        row("short-b", "this is no", minute=4),
+        row("short-b", "is this ok", minute=4),
+        row("four-a", "this is not ok", minute=5),
+        row("four-b", "is this not ok", minute=6),
     ]
     config = CurationConfig(min_chars=1, near_duplicate_threshold=0.8)
     result = run(tmp_path, rows, config)
-    assert result.kept_ids == ["original", "different", "short-a", "short-b"]
-    assert result.removed_by("near_duplicate") == ["edited"]
-    assert result.removed[0]["detail"] == "similar to arrival #1"
+    assert result.kept_ids == ["original", "different", "short-a", "short-b", "four-a"]
+    assert result.removed_by("near_duplicate") == ["edited", "four-b"]
+    assert [r["detail"] for r in result.removed] == ["similar to arrival #1", "similar to arrival #6"]
 
     # The earlier of the two is the one kept, whichever comes first in time.
     swapped = [row("edited", ONE_WORD_CHANGED, minute=0), row("original", TWELVE, minute=1)]
@@ -271,7 +276,10 @@ def test_all_rules_together_account_for_every_row(tmp_path):
         row("e", "A perfectly NORMAL comment, about the game!", minute=5, user="q"),  # exact duplicate
         row("f", TWELVE, minute=6, user="q"),
         row("g", ONE_WORD_CHANGED, minute=7, user="q"),  # near duplicate
-        *[row(f"p{i}", f"power user comment variant {i} {i * 7}", minute=10 + i, user="p", label=i % 2) for i in range(6)],
+        *[
+            row(f"p{i}", f"power user comment variant {i} {i * 7}", minute=10 + i, user="p", label=i % 2)
+            for i in range(6)
+        ],
         row("t1", "you are a clown", minute=30, user="r", label=1),
         row("t2", "what a loser honestly", minute=31, user="s", label=1),
     ]
@@ -298,7 +306,10 @@ def test_all_rules_together_account_for_every_row(tmp_path):
         assert result.removed_by(rule) == ids, rule
         assert stats.removed_by_rule[rule] == len(ids)
     # "p" has the kept "a" and six variants: capped at three.
-    assert sum(1 for r in result.kept + [r for r in result.removed if r["rule"] == "label_balance"] if r["user_id"] == "p") == 3
+    assert (
+        sum(1 for r in result.kept + [r for r in result.removed if r["rule"] == "label_balance"] if r["user_id"] == "p")
+        == 3
+    )
     assert stats.removed_by_rule["user_cap"] == 4
     assert stats.label_counts[0] == stats.label_counts[1]
     # Every input row is either kept or removed once (the duplicate id once each way).

@@ -122,7 +122,11 @@ def test_labels_and_quarantine_reasons(tmp_path):
     # The labelled table keeps the order of the log and the record's provenance.
     assert [row["source_line"] for row in labelled] == sorted(row["source_line"] for row in labelled)
     first = labelled[0]
-    assert (first["input"], first["user_id"], first["timestamp"]) == ("comment number 1", "user-1", T0 + dt.timedelta(seconds=1))
+    assert (first["input"], first["user_id"], first["timestamp"]) == (
+        "comment number 1",
+        "user-1",
+        T0 + dt.timedelta(seconds=1),
+    )
 
     reasons = {row["request_id"]: row["reason"] for row in quarantined}
     assert reasons == {

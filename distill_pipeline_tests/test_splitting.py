@@ -87,10 +87,7 @@ def test_test_sets_sizes_balance_and_disjointness(tmp_path):
     rows = rows_of(1000)
     # Twin texts under other ids (case and punctuation apart): a pool that curation did not
     # de-duplicate must still not put one twin in each test set.
-    rows += [
-        {**r, "request_id": f"twin-{i}", "input": r["input"].upper() + "!!"}
-        for i, r in enumerate(rows[:300])
-    ]
+    rows += [{**r, "request_id": f"twin-{i}", "input": r["input"].upper() + "!!"} for i, r in enumerate(rows[:300])]
     curated = write(tmp_path / "curated.parquet", rows)
     stats, in_dist, balanced = make_tests(tmp_path, curated, in_size=200, balanced_size=100)
 

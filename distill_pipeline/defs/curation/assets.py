@@ -81,7 +81,7 @@ def curated_examples(
             "rows_in": stats.rows_in,
             "kept": stats.kept,
             "days": len(days),
-            **{f"removed_{rule.replace(':', '_')}": count for rule, count in stats.removed_by_rule.items()},
+            **{f"removed_by_{rule.replace(':', '_')}": count for rule, count in stats.removed_by_rule.items()},
             "removals_by_rule": dg.MetadataValue.md(
                 markdown_table(
                     [*removal_rows, ("kept", f"{stats.kept:,}", f"{stats.kept / max(stats.rows_in, 1):.2%}")],
