@@ -16,7 +16,11 @@ def connect(workdir: Path | None = None, *, memory_limit: str = DEFAULT_MEMORY_L
     database = ":memory:"
     if workdir is not None:
         workdir.mkdir(parents=True, exist_ok=True)
-        database = str(workdir / "work.duckdb")
+        database_path = workdir / "work.duckdb"
+        # Scratch state from an interrupted earlier attempt must not leak into this one.
+        for stale in (database_path, workdir / "work.duckdb.wal"):
+            stale.unlink(missing_ok=True)
+        database = str(database_path)
     con = duckdb.connect(database)
     con.execute("SET TimeZone = 'UTC'")
     con.execute(f"SET memory_limit = '{memory_limit}'")
@@ -35,3 +39,13 @@ def sql_string(value: str) -> str:
 def copy_to_parquet(con: duckdb.DuckDBPyConnection, query: str, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     con.execute(f"COPY ({query}) TO {sql_string(str(path))} (FORMAT parquet, COMPRESSION zstd)")
+
+
+def seeded_hash_sql(expression: str, seed: int, salt: str) -> str:
+    """SQL for a seeded pseudo-random rank of ``expression``, independent across seeds and salts.
+
+    DuckDB's ``hash(a, b, ...)`` combines its arguments' hashes with XOR, so two seeds only flip
+    the same bits of every value and rank rows in correlated orders; hashing the combination
+    again mixes them.
+    """
+    return f"hash(hash({expression}, {int(seed)}, {sql_string(salt)}))"
