@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import io
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 MAX_CELL_CHARS = 120
@@ -93,3 +94,48 @@ def parquet_length_histogram(path: Any, column: str, *, title: str, sample_rows:
     finally:
         con.close()
     return histogram_markdown(lengths, title=title, xlabel="characters")
+
+
+@dataclass(frozen=True)
+class LineSeries:
+    """One series of a line plot; ``style`` is a matplotlib format string ("o" points, "--" dashes)."""
+
+    label: str
+    x: Sequence[float]
+    y: Sequence[float]
+    style: str = "-"
+    color: str | None = None
+
+
+def line_plot_markdown(
+    series: Sequence[LineSeries], *, title: str, xlabel: str, ylabel: str, log_x: bool = False
+) -> str:
+    """A line plot rendered to PNG and embedded in markdown as a data URI."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
+    for line in series:
+        ax.plot(list(line.x), list(line.y), line.style, label=line.label, color=line.color)
+    if log_x:
+        ax.set_xscale("log")
+    ax.set_title(title)
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(True, which="both", alpha=0.3)
+    if series:
+        ax.legend(fontsize="small")
+    fig.tight_layout()
+    return _figure_markdown(fig, title)
+
+
+def _figure_markdown(fig: Any, title: str) -> str:
+    import matplotlib.pyplot as plt
+
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    encoded = base64.b64encode(buffer.getvalue()).decode()
+    return f"![{title}](data:image/png;base64,{encoded})"
