@@ -1,4 +1,4 @@
-"""The command line: ``distill-pipeline demo | simulate | import``."""
+"""The command line: ``distill-pipeline demo | simulate | import | predict``."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from collections.abc import Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
+    from distill_pipeline.devices import visible_gpus
     from distill_pipeline.main_job import (
         StageFailed,
         plan_data_stages,
+        plan_student_stages,
         prepare_dagster_home,
         recent_days,
+        results_tables,
         run_steps,
         summary_table,
     )
@@ -38,13 +41,23 @@ def _demo(args: argparse.Namespace) -> int:
             f"simulated {summary.lines_written:,} log lines over {len(days)} days ({days[0]} .. {days[-1]}) "
             f"from {summary.users:,} users, {sum(summary.malformed.values()):,} malformed on purpose"
         )
-    steps = plan_data_stages(days, [TrainSize.parse(s).key for s in task.splits.train_sizes])
+    size_keys = [TrainSize.parse(s).key for s in task.splits.train_sizes]
+    steps = plan_data_stages(days, size_keys)
+    if args.stages == "all":
+        steps += plan_student_stages(size_keys)
+        if not visible_gpus():
+            print(
+                f"NOTICE: no GPU found: the {len(size_keys)} students train on CPU ({os.cpu_count()} cores), "
+                f"{task.student.epochs} epoch(s) of the {task.student.kind} student each"
+            )
     try:
         outcomes = run_steps(steps)
     except StageFailed as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 1
     print("\n" + summary_table(outcomes))
+    if args.stages == "all":
+        print("\n" + results_tables(store))
     print(f"\ndone in {time.perf_counter() - started:.1f}s. See the runs: DAGSTER_HOME={home} dagster dev")
     return 0
 
@@ -90,6 +103,33 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _predict(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    from distill_pipeline.store import open_store
+    from distill_pipeline.students import load_adapter_student, predict_table, resolve_adapter, student_predictor
+
+    with tempfile.TemporaryDirectory(prefix="distill-predict-") as directory:
+        local = Path(args.adapter).expanduser()
+        store = None if local.exists() else open_store(args.store)
+        try:
+            adapter = resolve_adapter(args.adapter, store, Path(directory))
+        except FileNotFoundError as exc:
+            print(f"no adapter {args.adapter!r}: {exc}", file=sys.stderr)
+            return 2
+        student = load_adapter_student(adapter, device=args.device, log=lambda message: print(message, file=sys.stderr))
+        rows = predict_table(
+            student_predictor(student, args.batch_size),
+            student.labels.names,
+            Path(args.input),
+            Path(args.output),
+            args.text_column,
+        )
+    print(f"labelled {rows:,} rows into {args.output}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="distill-pipeline", description=__doc__)
     parser.add_argument("--store", help="store URL (default: $DISTILL_STORE or ./.distill_store)")
@@ -98,10 +138,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="simulate traffic, then materialise every stage headless")
     demo.add_argument("--days", type=int, default=3, help="days of traffic, ending today (default 3)")
-    demo.add_argument("--records-per-day", type=int, default=20_000)
+    demo.add_argument("--records-per-day", type=int, default=4_000)
     demo.add_argument("--seed", type=int, default=7)
     demo.add_argument("--dagster-home", help="default: $DAGSTER_HOME or ./.dagster_home")
     demo.add_argument("--no-simulate", action="store_true", help="use the logs already in the store")
+    demo.add_argument(
+        "--stages",
+        choices=["all", "data"],
+        default="all",
+        help="all: through students, evaluation, ablation and champion (default); data: up to train_sets",
+    )
     demo.set_defaults(run=_demo)
 
     simulate = commands.add_parser("simulate", help="write simulated teacher traffic into the store")
@@ -119,6 +165,19 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--constant", action="append", default=[], metavar="FIELD=VALUE")
     importer.add_argument("--day", help="day for rows without a timestamp (YYYY-MM-DD)")
     importer.set_defaults(run=_import)
+
+    predict = commands.add_parser("predict", help="label a table's texts with a trained student adapter")
+    predict.add_argument(
+        "--adapter",
+        required=True,
+        help="a local adapter folder, a published adapter prefix in the store, or 'champion'",
+    )
+    predict.add_argument("--input", required=True, help="a .parquet or .jsonl table")
+    predict.add_argument("--output", required=True, help="the .parquet file to write")
+    predict.add_argument("--text-column", default="input")
+    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.set_defaults(run=_predict)
     return parser
 
 

@@ -7,7 +7,7 @@ add up: ``rows_in == kept + sum(removed_by_rule)``.
 1. ``duplicate_request_id``: the same call logged on two days; the earliest is kept.
 2. ``too_short`` / ``too_long``: input length bounds, in characters.
 3. ``pattern:<name>``: inputs matching a configured regex.
-   (PII scrubbing, when enabled, rewrites inputs here; it removes nothing.)
+(PII scrubbing, when enabled, rewrites every input before rule 1; it removes nothing.)
 4. ``exact_duplicate``: the same normalised text (case, punctuation and spacing folded).
 5. ``near_duplicate``: word-set Jaccard similarity above a threshold with an earlier input,
    found with MinHash and locality-sensitive hashing so that it is not quadratic: an input is
@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill_pipeline import duck
+from distill_pipeline.normalise import NORMALISE_ASCII_FUNCTION
 from distill_pipeline.task import CurationConfig
 
 # MinHash signature of 32 hashes in 8 bands of 4: a pair at Jaccard 0.8 shares a band with
@@ -37,13 +38,20 @@ PII_PATTERNS: dict[str, tuple[str, str]] = {
     # Order matters: a card number would otherwise be taken for a phone number.
     "email": (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", "[EMAIL]"),
     "card": (r"\b(?:\d[ -]?){12,18}\d\b", "[CARD]"),
-    "phone": (r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?)?\d{3,4}[ .-]\d{3,4}(?:[ .-]\d{2,4})?\b", "[PHONE]"),
+    # Three or more digit groups (optionally after a country code): "1990-2000" or "120 150" are
+    # not phone numbers, "+44 20 7946 0958" and "(555) 123-4567" are.
+    "phone": (r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\b\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}\b", "[PHONE]"),
 }
 
 
 def normalised_text_sql(column: str) -> str:
-    """SQL for the text used to compare inputs: lower case, letters and digits, single spaces."""
-    return f"trim(regexp_replace(lower({column}), '[^\\p{{L}}\\p{{N}}]+', ' ', 'g'))"
+    """SQL for the text used to compare inputs: lower case, letters and digits, single spaces.
+
+    Needs a connection from ``duck.connect``, which registers the fast path for ASCII texts
+    (see :mod:`distill_pipeline.normalise`); the regex gives the same text, slower, for any text.
+    """
+    regex = f"trim(regexp_replace(lower({column}), '[^\\p{{L}}\\p{{N}}]+', ' ', 'g'))"
+    return f"coalesce({NORMALISE_ASCII_FUNCTION}({column}), {regex})"
 
 
 @dataclass
@@ -69,9 +77,18 @@ class Curator:
         self.con.execute(
             f"""
             CREATE TABLE work AS
-            SELECT *, NULL::VARCHAR AS removed_by, NULL::VARCHAR AS removed_detail,
-                   row_number() OVER (ORDER BY timestamp, request_id, source_key, source_line) AS arrival
-            FROM read_parquet([{sources}], union_by_name = true)
+            SELECT *, NULL::VARCHAR AS removed_by, NULL::VARCHAR AS removed_detail
+            FROM read_parquet([{sources}], union_by_name = true);
+            -- Arrival order from a sort of the keys alone: a window over the whole rows would
+            -- sort every column with them.
+            ALTER TABLE work ADD COLUMN arrival BIGINT;
+            UPDATE work SET arrival = ranked.arrival
+            FROM (
+                SELECT rowid AS row_id,
+                       row_number() OVER (ORDER BY timestamp, request_id, source_key, source_line) AS arrival
+                FROM work
+            ) AS ranked
+            WHERE work.rowid = ranked.row_id;
             """
         )
         self.stats.rows_in = self._count("TRUE")
@@ -89,13 +106,15 @@ class Curator:
 
     def run(self) -> CurationStats:
         config = self.config
+        # Scrubbing comes first so that no table this stage writes, the removed rows' excerpts
+        # included, carries the personal data it was asked to remove.
+        if config.scrub_pii:
+            self._scrub_pii()
         self._remove_duplicate_request_ids()
         self._remove("too_short", f"length(trim(input)) < {int(config.min_chars)}", "length(trim(input))::VARCHAR")
         self._remove("too_long", f"length(input) > {int(config.max_chars)}", "length(input)::VARCHAR")
         for name, pattern in config.drop_patterns.items():
             self._remove(f"pattern:{name}", f"regexp_matches(input, {duck.sql_string(pattern)})")
-        if config.scrub_pii:
-            self._scrub_pii()
         self.con.execute(
             f"ALTER TABLE work ADD COLUMN norm VARCHAR; UPDATE work SET norm = {normalised_text_sql('input')}"
         )
@@ -117,7 +136,13 @@ class Curator:
     def _remove_duplicate_request_ids(self) -> None:
         self._remove(
             "duplicate_request_id",
-            "arrival > (SELECT min(w2.arrival) FROM work w2 WHERE w2.request_id = work.request_id)",
+            # Only ids seen more than once are joined back: a few rows, not every row.
+            """arrival IN (
+                SELECT w.arrival FROM work w
+                JOIN (SELECT request_id, min(arrival) AS first FROM work GROUP BY request_id HAVING count(*) > 1) d
+                  ON w.request_id = d.request_id
+                WHERE w.arrival > d.first
+            )""",
             "'kept the earliest copy'",
         )
 
@@ -134,13 +159,14 @@ class Curator:
         self.con.execute(
             """
             CREATE TEMP TABLE exact_groups AS
-            SELECT norm, min(arrival) AS first_arrival, count(DISTINCT label) AS labels
+            -- Two labels or more is a min unlike the max, at a third of count(DISTINCT)'s cost.
+            SELECT norm, min(arrival) AS first_arrival, min(label) <> max(label) AS label_conflict
             FROM work WHERE removed_by IS NULL GROUP BY norm HAVING count(*) > 1
             """
         )
-        self.stats.label_conflicts = self.con.execute("SELECT count(*) FROM exact_groups WHERE labels > 1").fetchone()[
-            0
-        ]
+        self.stats.label_conflicts = self.con.execute(
+            "SELECT count(*) FROM exact_groups WHERE label_conflict"
+        ).fetchone()[0]
         self.con.execute(
             """
             UPDATE work SET removed_by = 'exact_duplicate',
@@ -200,7 +226,7 @@ class Curator:
             f"""
             CREATE TEMP TABLE user_rank AS
             SELECT arrival, user_id,
-                   row_number() OVER (PARTITION BY user_id ORDER BY hash(request_id, {int(self.seed)})) AS rank
+                   row_number() OVER (PARTITION BY user_id ORDER BY {duck.seeded_hash_sql("request_id", self.seed, "user_cap")}) AS rank
             FROM work WHERE removed_by IS NULL
             """
         )
@@ -221,7 +247,7 @@ class Curator:
             CREATE TEMP TABLE label_rank AS
             WITH kept AS (SELECT arrival, label, request_id FROM work WHERE removed_by IS NULL)
             SELECT arrival,
-                   row_number() OVER (PARTITION BY label ORDER BY hash(request_id, {int(self.seed)})) AS rank,
+                   row_number() OVER (PARTITION BY label ORDER BY {duck.seeded_hash_sql("request_id", self.seed, "label_balance")}) AS rank,
                    (SELECT min(n) FROM (SELECT count(*) AS n FROM kept GROUP BY label)) AS rarest
             FROM kept
             """

@@ -5,13 +5,14 @@ its object key, line number and reason (a duplicate request id is quarantined to
 location of its first occurrence). So ``lines_in == kept + quarantined`` always holds.
 
 The work is vectorised: numpy finds line boundaries, Arrow wraps them without copying, and
-DuckDB validates and types every field in one SQL pass per object, from ``SCHEMA_FIELDS``.
-Objects are processed one at a time into an on-disk DuckDB database, so memory is bounded by
-the largest object plus DuckDB's memory limit, not by the day's volume.
+DuckDB validates and types every field in one SQL pass per batch of objects, from
+``SCHEMA_FIELDS``. Batches are about ``BATCH_BYTES`` and DuckDB spills to the workdir past its
+memory limit, so memory is bounded by a batch plus that limit, not by the day's volume.
 """
 
 from __future__ import annotations
 
+import codecs
 import gzip
 import zlib
 from collections.abc import Iterable
@@ -109,29 +110,53 @@ def split_lines(data: bytes) -> LineBatch:
     lines = pa.Array.from_buffers(pa.large_string(), count, [None, pa.py_buffer(offsets), pa.py_buffer(data)])
     nbytes = pa.array(np.diff(offsets))
     try:
-        data.decode("utf-8")
+        # ASCII is UTF-8, and asking that is much cheaper than decoding.
+        if not data.isascii():
+            data.decode("utf-8")
         return LineBatch(lines, nbytes, pa.array(np.ones(count, dtype=bool)), {})
     except UnicodeDecodeError:
-        texts, ok, excerpts = _decode_lines_one_by_one(data, offsets, count)
-        return LineBatch(pa.array(texts, pa.large_string()), nbytes, pa.array(ok), excerpts)
+        ok, excerpts = _find_invalid_lines(data, offsets)
+        return LineBatch(_without_lines(data, offsets, ok), nbytes, pa.array(ok), excerpts)
 
 
-def _decode_lines_one_by_one(
-    data: bytes, offsets: np.ndarray, count: int
-) -> tuple[list[str], np.ndarray, dict[int, str]]:
-    # The rare slow path: decode line by line and blank out the lines that are not UTF-8.
-    texts: list[str] = []
-    ok = np.ones(count, dtype=bool)
+def _find_invalid_lines(data: bytes, offsets: np.ndarray) -> tuple[np.ndarray, dict[int, str]]:
+    """The rare slow path: which lines are not UTF-8, and an excerpt of each.
+
+    A newline is never part of a multi-byte sequence, so decoding from a line's start fails
+    first inside the first bad line at or after it; going on from the line after that one
+    decodes the object about once, however many of its lines are bad.
+    """
+    ok = np.ones(len(offsets) - 1, dtype=bool)
     excerpts: dict[int, str] = {}
-    for index in range(count):
+    view = memoryview(data)
+    start = 0
+    while start < len(data):
+        try:
+            codecs.utf_8_decode(view[start:], "strict", True)
+            break
+        except UnicodeDecodeError as exc:
+            index = int(np.searchsorted(offsets, start + exc.start, side="right")) - 1
         raw = data[offsets[index] : offsets[index + 1]]
         try:
-            texts.append(raw.decode("utf-8"))
+            raw.decode("utf-8")
         except UnicodeDecodeError as exc:
-            texts.append("")
             ok[index] = False
             excerpts[index] = f"byte {exc.start}: " + raw[:EXCERPT_CHARS].decode("utf-8", "backslashreplace")
-    return texts, ok, excerpts
+        start = int(offsets[index + 1])
+    return ok, excerpts
+
+
+def _without_lines(data: bytes, offsets: np.ndarray, keep: np.ndarray) -> pa.Array:
+    """The lines as a string array, those not kept as empty strings (one copy of the rest)."""
+    lengths = np.where(keep, np.diff(offsets), 0)
+    new_offsets = np.zeros(len(offsets), dtype=np.int64)
+    np.cumsum(lengths, out=new_offsets[1:])
+    # The runs of kept lines between the bad ones are copied whole.
+    bad = np.flatnonzero(~keep)
+    run_starts = np.concatenate([[0], bad + 1]).tolist()
+    run_ends = np.concatenate([bad, [len(keep)]]).tolist()
+    text = b"".join(data[offsets[a] : offsets[b]] for a, b in zip(run_starts, run_ends, strict=True) if b > a)
+    return pa.Array.from_buffers(pa.large_string(), len(keep), [None, pa.py_buffer(new_offsets), pa.py_buffer(text)])
 
 
 def decompress_if_needed(key: str, data: bytes) -> bytes:
@@ -140,11 +165,11 @@ def decompress_if_needed(key: str, data: bytes) -> bytes:
     return data
 
 
-def _field_checks(paths: str) -> tuple[str, str]:
-    """SQL for the per-field type checks: (the json_type list expression, the CASE branches)."""
-    types_expr = f"json_type(doc, [{paths}])"
+def _field_checks() -> str:
+    """SQL for the per-field type checks, as CASE branches over ``types``: the type of the
+    root at 1, then each field's in schema order."""
     branches = []
-    for index, spec in enumerate(SCHEMA_FIELDS, start=1):
+    for index, spec in enumerate(SCHEMA_FIELDS, start=2):
         allowed = ", ".join(f"'{t}'" for t in _JSON_TYPES[spec.json_type])
         if spec.required:
             branches.append(
@@ -152,46 +177,56 @@ def _field_checks(paths: str) -> tuple[str, str]:
             )
         branches.append(
             f"WHEN types[{index}] IS NOT NULL AND types[{index}] <> 'NULL' AND types[{index}] NOT IN ({allowed}) "
-            f"THEN 'field {spec.name} must be {_article(spec)} {spec.json_type}, not ' || lower(types[{index}])"
+            f"THEN 'field {spec.name} must be {_article(spec)} {spec.json_type}, not ' || {_json_type_name(f'types[{index}]')}"
         )
-    return types_expr, "\n".join(branches)
+    return "\n".join(branches)
+
+
+def _json_type_name(duckdb_type: str) -> str:
+    """SQL naming a DuckDB JSON type the way the schema and its readers do (integer, not ubigint)."""
+    return (
+        f"CASE {duckdb_type} WHEN 'VARCHAR' THEN 'string' WHEN 'BIGINT' THEN 'integer' WHEN 'UBIGINT' THEN 'integer' "
+        f"WHEN 'DOUBLE' THEN 'number' WHEN 'BOOLEAN' THEN 'boolean' ELSE lower({duckdb_type}) END"
+    )
 
 
 def _article(spec: FieldSpec) -> str:
     return "an" if spec.json_type[0] in "aeiou" else "a"
 
 
-def _validation_sql(max_line_bytes: int) -> str:
+def _judged_lines_sql(max_line_bytes: int) -> str:
+    """One pass over a batch of lines: each line's reason to be quarantined (NULL: keep it),
+    with the record's columns and the quarantine row's beside it."""
     paths = ", ".join(f"'$.{spec.name}'" for spec in SCHEMA_FIELDS)
     position = {spec.name: index for index, spec in enumerate(SCHEMA_FIELDS, start=1)}
-    types_expr, type_branches = _field_checks(paths)
+    type_branches = _field_checks()
     versions = ", ".join(str(v) for v in SUPPORTED_SCHEMA_VERSIONS)
 
     def value(name: str) -> str:
         return f"vals[{position[name]}]"
 
     return f"""
-    WITH sized AS (
-        SELECT * FROM batch
-    ), parsed AS (
+    WITH parsed AS (
         SELECT *,
             -- TRY_CAST rather than json_valid: DuckDB may evaluate json functions on every row
             -- whatever a CASE says, and they raise on malformed input.
             TRY_CAST(CASE WHEN utf8_ok AND nbytes <= {max_line_bytes} THEN line END AS JSON) AS doc
-        FROM sized
+        FROM batch
     ), typed AS (
-        SELECT *,
-            CASE WHEN json_type(doc) = 'OBJECT' THEN {types_expr} END AS types,
-            CASE WHEN json_type(doc) = 'OBJECT' THEN json_extract_string(doc, [{paths}]) END AS vals
-        FROM parsed
+        -- The root's type comes with the fields' from one parse: NULL for a line that is not JSON.
+        SELECT *, json_type(doc, ['$', {paths}]) AS types FROM parsed
+    ), valued AS (
+        SELECT *, CASE WHEN types[1] = 'OBJECT' THEN json_extract_string(doc, [{paths}]) END AS vals
+        FROM typed
     ), judged AS (
         SELECT *,
             CASE
                 WHEN NOT utf8_ok THEN 'invalid UTF-8'
                 WHEN nbytes > {max_line_bytes} THEN 'line longer than {max_line_bytes} bytes'
-                WHEN trim(line, ' ' || chr(9) || chr(10) || chr(13)) = '' THEN 'blank line'
-                WHEN doc IS NULL THEN 'not valid JSON'
-                WHEN types IS NULL THEN 'not a JSON object'
+                -- A blank line is never JSON; asking that first spares the trim of every line.
+                WHEN types IS NULL AND trim(line, ' ' || chr(9) || chr(10) || chr(13)) = '' THEN 'blank line'
+                WHEN types IS NULL THEN 'not valid JSON'
+                WHEN types[1] <> 'OBJECT' THEN 'not a JSON object'
                 {type_branches}
                 WHEN TRY_CAST({value("schema_version")} AS BIGINT) NOT IN ({versions})
                     THEN 'unsupported schema_version ' || {value("schema_version")}
@@ -201,24 +236,17 @@ def _validation_sql(max_line_bytes: int) -> str:
                 WHEN regexp_full_match({value("input")}, '[\\s\\p{{Z}}]*') THEN 'empty input'
                 WHEN {value("response")} IS NULL AND {value("error")} IS NULL THEN 'neither response nor error'
             END AS reason
-        FROM typed
+        FROM valued
     )
-    SELECT * FROM judged
-    """
-
-
-def _records_sql(source_key: str) -> str:
-    position = {spec.name: index for index, spec in enumerate(SCHEMA_FIELDS, start=1)}
-
-    def value(name: str) -> str:
-        return f"vals[{position[name]}]"
-
-    key = duck.sql_string(source_key)
-    return f"""
+    -- The record's columns are only read where the reason is NULL, and then every cast
+    -- succeeds (the checks above saw to it); TRY_CAST keeps the other lines from raising.
     SELECT
-        {value("request_id")} AS request_id,
-        CAST({value("timestamp")} AS TIMESTAMPTZ) AS timestamp,
-        CAST(CAST({value("timestamp")} AS TIMESTAMPTZ) AS DATE) AS day,
+        -- A kept line's request id is a string no longer than the limit; a quarantined line's
+        -- is shown where it is a string.
+        CASE WHEN types[{position["request_id"] + 1}] = 'VARCHAR'
+             THEN left({value("request_id")}, {MAX_REQUEST_ID_CHARS}) END AS request_id,
+        TRY_CAST({value("timestamp")} AS TIMESTAMPTZ) AS timestamp,
+        CAST(TRY_CAST({value("timestamp")} AS TIMESTAMPTZ) AS DATE) AS day,
         {value("user_id")} AS user_id,
         {value("tenant_id")} AS tenant_id,
         {value("task")} AS task,
@@ -231,40 +259,48 @@ def _records_sql(source_key: str) -> str:
         {value("usage")} AS usage,
         TRY_CAST(json_extract_string({value("usage")}, '$.prompt_tokens') AS BIGINT) AS prompt_tokens,
         TRY_CAST(json_extract_string({value("usage")}, '$.completion_tokens') AS BIGINT) AS completion_tokens,
-        CAST({value("latency_ms")} AS DOUBLE) AS latency_ms,
-        CAST({value("cost_usd")} AS DOUBLE) AS cost_usd,
+        TRY_CAST({value("latency_ms")} AS DOUBLE) AS latency_ms,
+        TRY_CAST({value("cost_usd")} AS DOUBLE) AS cost_usd,
         {value("error")} AS error,
         {value("feedback")} AS feedback,
-        CAST({value("schema_version")} AS INTEGER) AS schema_version,
-        {key} AS source_key,
-        line_no AS source_line
-    FROM judged_batch WHERE reason IS NULL
-    """
-
-
-def _quarantine_sql(source_key: str) -> str:
-    key = duck.sql_string(source_key)
-    position = {spec.name: index for index, spec in enumerate(SCHEMA_FIELDS, start=1)}
-    return f"""
-    SELECT
-        {key} AS source_key,
+        TRY_CAST({value("schema_version")} AS INTEGER) AS schema_version,
+        source_key,
         line_no AS source_line,
         reason,
-        CASE WHEN types IS NOT NULL AND types[{position["request_id"]}] = 'VARCHAR'
-             THEN left(vals[{position["request_id"]}], {MAX_REQUEST_ID_CHARS}) END AS request_id,
         nbytes AS line_bytes,
-        CASE WHEN utf8_ok THEN left(rtrim(line, chr(10) || chr(13)), {EXCERPT_CHARS}) ELSE excerpt END AS excerpt
-    FROM judged_batch WHERE reason IS NOT NULL
+        CASE WHEN reason IS NOT NULL THEN
+             CASE WHEN utf8_ok THEN left(rtrim(line, chr(10) || chr(13)), {EXCERPT_CHARS}) ELSE excerpt END
+        END AS excerpt
+    FROM judged
     """
 
 
 QUARANTINE_COLUMNS = ("source_key", "source_line", "reason", "request_id", "line_bytes", "excerpt")
+
+#: Objects are validated in batches of about this many bytes: large enough to amortise the cost
+#: of a query and for DuckDB to spread a batch over its threads, small enough to bound memory.
+BATCH_BYTES = 64 * 2**20
+
+_BATCH_SCHEMA = pa.schema(
+    [
+        ("source_key", pa.string()),
+        ("line_no", pa.int64()),
+        ("line", pa.large_string()),
+        ("nbytes", pa.int64()),
+        ("utf8_ok", pa.bool_()),
+        ("excerpt", pa.string()),
+    ]
+)
 
 
 class Ingestor:
     """Accumulates validated records and quarantined lines of many objects, then deduplicates.
 
     Use: ``add_object`` for each object, then ``finish`` to write two Parquet files.
+
+    Every line goes into one table, ``lines``, with its record's columns and its reason to be
+    quarantined (NULL for a record kept): each batch of objects is judged and stored in one
+    query, and the two outputs are the two sides of that table.
     """
 
     def __init__(self, workdir: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
@@ -272,32 +308,26 @@ class Ingestor:
         self.max_line_bytes = max_line_bytes
         self.con = duck.connect(workdir)
         self.stats = IngestStats()
-        self._validation_sql = _validation_sql(max_line_bytes)
-        # Typed empty tables, shaped by the same SELECTs that fill them.
-        self._judge(
-            pa.table(
-                {
-                    "line_no": pa.array([], pa.int64()),
-                    "line": pa.array([], pa.large_string()),
-                    "nbytes": pa.array([], pa.int64()),
-                    "utf8_ok": pa.array([], pa.bool_()),
-                    "excerpt": pa.array([], pa.string()),
-                }
-            )
-        )
-        self.con.execute(f"CREATE TABLE records AS {_records_sql('')}")
-        self.con.execute(f"CREATE TABLE quarantine AS {_quarantine_sql('')}")
-
-    def _judge(self, batch: pa.Table) -> None:
-        self.con.register("batch", batch)
+        self._judged_lines_sql = _judged_lines_sql(max_line_bytes)
+        self._pending: list[pa.Table] = []
+        self._pending_bytes = 0
+        # Objects usually come in key order (ingest_objects sorts them), and then the kept
+        # records are already in output order.
+        self._last_key: str | None = None
+        self._in_key_order = True
+        # A typed empty table, shaped by the same SELECT that fills it.
+        self.con.register("batch", _BATCH_SCHEMA.empty_table())
         try:
-            self.con.execute(f"CREATE OR REPLACE TEMP TABLE judged_batch AS {self._validation_sql}")
+            self.con.execute(f"CREATE TABLE lines AS {self._judged_lines_sql}")
         finally:
             self.con.unregister("batch")
 
     def add_object(self, key: str, data: bytes) -> None:
         self.stats.objects += 1
         self.stats.bytes_in += len(data)
+        if self._last_key is not None and key <= self._last_key:
+            self._in_key_order = False
+        self._last_key = key
         try:
             data = decompress_if_needed(key, data)
         except (OSError, EOFError, zlib.error) as exc:
@@ -312,56 +342,77 @@ class Ingestor:
             if batch.raw_excerpts
             else pa.nulls(count, pa.string())
         )
-        line_numbers = pa.array(np.arange(1, count + 1, dtype=np.int64))
-        self._judge(
+        self._pending.append(
             pa.table(
-                {
-                    "line_no": line_numbers,
-                    "line": batch.lines,
-                    "nbytes": batch.nbytes,
-                    "utf8_ok": batch.utf8_ok,
-                    "excerpt": excerpts,
-                }
+                [
+                    pa.repeat(key, count).cast(pa.string()),
+                    pa.array(np.arange(1, count + 1, dtype=np.int64)),
+                    batch.lines,
+                    batch.nbytes,
+                    batch.utf8_ok,
+                    excerpts,
+                ],
+                schema=_BATCH_SCHEMA,
             )
         )
-        self.con.execute(f"INSERT INTO records {_records_sql(key)}")
-        self.con.execute(f"INSERT INTO quarantine {_quarantine_sql(key)}")
+        self._pending_bytes += len(data)
         self.stats.lines_in += count
+        if self._pending_bytes >= BATCH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._pending:
+            return
+        self.con.register("batch", pa.concat_tables(self._pending))
+        try:
+            self.con.execute(f"INSERT INTO lines {self._judged_lines_sql}")
+        finally:
+            self.con.unregister("batch")
+        self._pending, self._pending_bytes = [], 0
 
     def _quarantine_object(self, key: str, reason: str) -> None:
         # The object's lines cannot be counted, so the object itself is the unit quarantined.
         self.stats.lines_in += 1
-        self.con.execute("INSERT INTO quarantine VALUES (?, 0, ?, NULL, NULL, NULL)", [key, reason])
+        self.con.execute("INSERT INTO lines (source_key, source_line, reason) VALUES (?, 0, ?)", [key, reason])
 
     def finish(self, records_path: Path, quarantine_path: Path) -> IngestStats:
         """Deduplicate by request id (first occurrence wins) and write both tables as Parquet."""
+        self._flush()
+        # Only request ids kept more than once are ranked: a few rows, not the day.
         self.con.execute(
             """
-            CREATE TEMP TABLE ranked AS
-            SELECT *, row_number() OVER (PARTITION BY request_id ORDER BY source_key, source_line) AS occurrence,
-                   first_value(source_key || ':' || source_line) OVER (
-                       PARTITION BY request_id ORDER BY source_key, source_line) AS first_seen
-            FROM records
-            """
-        )
-        self.con.execute(
-            """
-            INSERT INTO quarantine
-            SELECT source_key, source_line, 'duplicate request_id', request_id,
-                   strlen(input), 'first seen at ' || first_seen
-            FROM ranked WHERE occurrence > 1
+            UPDATE lines SET reason = 'duplicate request_id', line_bytes = strlen(input),
+                excerpt = 'first seen at ' || repeats.first_seen
+            FROM (
+                SELECT row_id, first_seen FROM (
+                    SELECT rowid AS row_id,
+                           row_number() OVER seen AS occurrence,
+                           first_value(source_key || ':' || source_line) OVER seen AS first_seen
+                    FROM lines
+                    WHERE reason IS NULL AND request_id IN (
+                        SELECT request_id FROM lines WHERE reason IS NULL GROUP BY request_id HAVING count(*) > 1
+                    )
+                    WINDOW seen AS (PARTITION BY request_id ORDER BY source_key, source_line)
+                ) WHERE occurrence > 1
+            ) AS repeats
+            WHERE lines.rowid = repeats.row_id
             """
         )
         columns = ", ".join(RECORD_COLUMNS)
+        # Lines went in object by object and in order within each; sorting is needed only when
+        # the objects did not come in key order.
+        order = "" if self._in_key_order else " ORDER BY source_key, source_line"
+        duck.copy_to_parquet(self.con, f"SELECT {columns} FROM lines WHERE reason IS NULL{order}", records_path)
         duck.copy_to_parquet(
             self.con,
-            f"SELECT {columns} FROM ranked WHERE occurrence = 1 ORDER BY source_key, source_line",
-            records_path,
+            f"SELECT {', '.join(QUARANTINE_COLUMNS)} FROM lines WHERE reason IS NOT NULL ORDER BY source_key, source_line",
+            quarantine_path,
         )
-        duck.copy_to_parquet(self.con, "SELECT * FROM quarantine ORDER BY source_key, source_line", quarantine_path)
-        self.stats.kept = self.con.execute("SELECT count(*) FROM ranked WHERE occurrence = 1").fetchone()[0]
+        self.stats.kept = self.con.execute("SELECT count(*) FROM lines WHERE reason IS NULL").fetchone()[0]
         self.stats.reasons = dict(
-            self.con.execute("SELECT reason, count(*) FROM quarantine GROUP BY reason ORDER BY 2 DESC").fetchall()
+            self.con.execute(
+                "SELECT reason, count(*) FROM lines WHERE reason IS NOT NULL GROUP BY reason ORDER BY 2 DESC"
+            ).fetchall()
         )
         self.stats.quarantined = sum(self.stats.reasons.values())
         if self.stats.kept + self.stats.quarantined != self.stats.lines_in:

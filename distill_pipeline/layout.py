@@ -32,4 +32,40 @@ def train_set_prefix(size_key: str) -> str:
     return f"{TABLES}/train_sets/size={size_key}/"
 
 
+STUDENTS_ROOT = "students/"
+
+
+def adapter_prefix(size_key: str, train_id: str) -> str:
+    """One trained adapter: adapter/ (PEFT files, tokenizer, student.json) and the run's records.
+
+    ``train_id`` names the spec and the data it was trained on, so a published adapter is never
+    overwritten by a different one and a champion manifest can point at it for good.
+    """
+    return f"{STUDENTS_ROOT}adapters/size={size_key}/{train_id}/"
+
+
+def adapter_pointer(size_key: str) -> str:
+    """The adapter a size partition currently has; written after the adapter's manifest."""
+    return f"{STUDENTS_ROOT}adapters/size={size_key}/current.json"
+
+
+REPORTS = "reports"
+EVAL_REPORTS_ROOT = f"{REPORTS}/eval_report/"
+
+
+def eval_report_prefix(size_key: str) -> str:
+    return f"{EVAL_REPORTS_ROOT}size={size_key}/"
+
+
+ABLATION_PREFIX = f"{REPORTS}/ablation_report/"
+CHAMPION_ROOT = "champion/"
+#: The promoted student, as a small JSON manifest a server reads; moves only on promotion.
+CHAMPION_CURRENT = f"{CHAMPION_ROOT}current.json"
+
+
+def champion_history_key(promoted_at: str, train_id: str) -> str:
+    stamp = promoted_at.replace(":", "").replace("-", "").split(".")[0]
+    return f"{CHAMPION_ROOT}history/{stamp}-{train_id}.json"
+
+
 MANIFEST = "_manifest.json"

@@ -113,7 +113,7 @@ def build_test_sets(
         con.execute(
             f"""
             CREATE TABLE pool AS
-            SELECT *, {normalised_text_sql("input")} AS norm, hash(request_id, {int(seed)}, 'test') AS draw
+            SELECT *, {normalised_text_sql("input")} AS norm, {duck.seeded_hash_sql("request_id", seed, "test")} AS draw
             FROM read_parquet({duck.sql_string(str(curated_path))})
             """
         )
@@ -181,12 +181,12 @@ def build_train_set(
             "SELECT count(*) FROM curated WHERE request_id NOT IN (SELECT request_id FROM test_rows) "
             "AND norm IN (SELECT norm FROM test_rows)"
         ).fetchone()[0]
+        # A view: it is counted, then ranked once for the training rows.
         con.execute(
-            f"""
-            CREATE TABLE pool AS
+            """
+            CREATE VIEW pool AS
             SELECT * FROM curated
             WHERE request_id NOT IN (SELECT request_id FROM test_rows) AND norm NOT IN (SELECT norm FROM test_rows)
-            ORDER BY hash(hash(request_id, {int(seed)}, 'train')), request_id
             """
         )
         stats.pool_rows = con.execute("SELECT count(*) FROM pool").fetchone()[0]
@@ -194,7 +194,7 @@ def build_train_set(
         if size.rows is not None and size.rows > stats.pool_rows:
             stats.warnings.append(f"asked for {size.rows} rows but the pool has only {stats.pool_rows}")
         con.execute(
-            f"CREATE TABLE train AS SELECT * EXCLUDE (norm) FROM pool ORDER BY hash(hash(request_id, {int(seed)}, 'train')), request_id "
+            f"CREATE TABLE train AS SELECT * EXCLUDE (norm) FROM pool ORDER BY {duck.seeded_hash_sql('request_id', seed, 'train')}, request_id "
             f"LIMIT {wanted}"
         )
         stats.label_counts = _label_counts(con, "train")

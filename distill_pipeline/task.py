@@ -1,4 +1,4 @@
-"""Tasks as configuration: a task's label set, prompt templates, curation and split settings.
+"""Tasks as configuration: a task's label set, prompt templates, curation, splits and student.
 
 A task is a folder with a ``task.toml`` and its prompt files. The built-in tasks live in
 ``distill_pipeline/tasks/<id>/``; ``DISTILL_TASK`` may name a built-in id or a path to another
@@ -76,6 +76,42 @@ class CheckConfig:
 
 
 @dataclass(frozen=True)
+class StudentConfig:
+    """The student ``lora_adapter`` trains; each field is the TrainSpec field of the same name.
+
+    The defaults train the packaged all-MiniLM-L6-v2 encoder briskly enough that the demo's six
+    training-set sizes fit in minutes on two CPU cores; a GPU allows more epochs and length.
+    """
+
+    kind: str = "encoder"
+    # None: the packaged all-MiniLM-L6-v2 (encoder only); else a Hugging Face id or local folder.
+    base_model: str | None = None
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: tuple[str, ...] | None = None
+    max_length_cap: int = 128
+    epochs: int = 1
+    # Small training sets get more epochs, up to about this many optimiser steps: a few dozen
+    # steps are too few for the classifier to leave the majority label.
+    min_train_steps: int = 60
+    learning_rate: float = 2e-3
+    batch_size: int = 32
+    validation_fraction: float = 0.1
+    eval_every_steps: int | None = 100
+    checkpoint_every_steps: int | None = 100
+    seed: int = 0
+    # Decoder only: how an input is shown to the student ("{input}" marks the place).
+    prompt_template: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("encoder", "decoder"):
+            raise TaskConfigError(f"student.kind must be 'encoder' or 'decoder', not {self.kind!r}")
+        if self.kind == "decoder" and self.base_model is None:
+            raise TaskConfigError("a decoder student needs student.base_model (a Hugging Face id or local folder)")
+
+
+@dataclass(frozen=True)
 class Task:
     id: str
     description: str
@@ -85,6 +121,7 @@ class Task:
     splits: SplitConfig
     checks: CheckConfig
     source: Path
+    student: StudentConfig = field(default_factory=StudentConfig)
 
     def prompt(self, prompt_id: str) -> PromptTemplate:
         try:
@@ -139,6 +176,9 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
         splits = dict(raw.get("splits", {}))
         if "train_sizes" in splits:
             splits["train_sizes"] = tuple(str(s) for s in splits["train_sizes"])
+        student = dict(raw.get("student", {}))
+        if "target_modules" in student:
+            student["target_modules"] = tuple(str(m) for m in student["target_modules"])
         return Task(
             id=raw["id"],
             description=raw.get("description", ""),
@@ -148,6 +188,7 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
             splits=SplitConfig(**splits),
             checks=CheckConfig(**raw.get("checks", {})),
             source=folder,
+            student=StudentConfig(**student),
         )
     except (KeyError, TypeError) as exc:
         raise TaskConfigError(f"task {name!r}: {exc}") from exc

@@ -244,14 +244,15 @@ def test_code_location_loads_without_heavy_imports() -> None:
         "from distill_pipeline.definitions import defs\n"
         "d = defs()\n"
         "print(sorted(k.to_user_string() for k in d.resolve_all_asset_keys()))\n"
-        "print([m for m in ('torch', 'transformers', 'peft', 'litellm', 'evaluate', 'datasets') if m in sys.modules])\n"
+        "heavy = ('torch', 'transformers', 'peft', 'litellm', 'evaluate', 'datasets', 'sklearn')\n"
+        "print([m for m in heavy if m in sys.modules])\n"
     )
     output = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.splitlines()
-    assert output[0] == str(
-        sorted(["curated_examples", "raw_logs", "teacher_labels", "teacher_logs", "test_sets", "train_sets"])
-    )
+    data_plane = ["curated_examples", "raw_logs", "teacher_labels", "teacher_logs", "test_sets", "train_sets"]
+    students = ["ablation_report", "champion", "eval_report", "lora_adapter"]
+    assert output[0] == str(sorted(data_plane + students))
     assert output[1] == "[]"
 
 

@@ -213,7 +213,7 @@ def test_pii_scrubbing_rewrites_inputs_and_counts(tmp_path):
         row("intl-phone", "or +1 555 123 4567 or (555) 765-4321 at work", minute=2),
         row("card", "my card is 4111 1111 1111 1111 oops", minute=3),
         row("clean", "nothing personal in this one", minute=4),
-        # Removed before scrubbing: not counted.
+        # Scrubbed too, although a rule removes it: the removed table must not keep the address.
         row("dropped", "spam jane@example.com", minute=5),
     ]
     config = CurationConfig(min_chars=1, near_duplicate_threshold=None, scrub_pii=True, drop_patterns={"spam": "^spam"})
@@ -226,7 +226,9 @@ def test_pii_scrubbing_rewrites_inputs_and_counts(tmp_path):
         "card": "my card is [CARD] oops",
         "clean": "nothing personal in this one",
     }
-    assert result.stats.pii_scrubbed == {"email": 1, "card": 1, "phone": 2}
+    assert result.stats.pii_scrubbed == {"email": 2, "card": 1, "phone": 2}
+    assert result.removed_by("pattern:spam") == ["dropped"]
+    assert [r["input_excerpt"] for r in result.removed] == ["spam [EMAIL]"]
 
     # Scrubbing runs before de-duplication: comments that differ only in their PII are duplicates.
     twins = [row("a", "write to a@b.example now", minute=0), row("b", "write to zz@q.example now", minute=1)]

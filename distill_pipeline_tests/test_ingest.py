@@ -164,17 +164,17 @@ def test_max_line_bytes_is_a_setting(local_store, tmp_path):
 
 WRONG_TYPES = [
     # (field, wrong value, reason): one per JSON type the schema knows, and several wrong ones.
-    ("request_id", 123, "field request_id must be a string, not bigint"),
-    ("user_id", 12345, "field user_id must be a string, not bigint"),
-    ("timestamp", 1704067200, "field timestamp must be a string, not bigint"),
+    ("request_id", 123, "field request_id must be a string, not integer"),
+    ("user_id", 12345, "field user_id must be a string, not integer"),
+    ("timestamp", 1704067200, "field timestamp must be a string, not integer"),
     ("input", ["a", "list"], "field input must be a string, not array"),
     ("tenant_id", {"id": 1}, "field tenant_id must be a string, not object"),
     ("response", True, "field response must be a string, not boolean"),
-    ("schema_version", "one", "field schema_version must be an integer, not varchar"),
-    ("schema_version", 1.5, "field schema_version must be an integer, not double"),
-    ("latency_ms", "fast", "field latency_ms must be a number, not varchar"),
+    ("schema_version", "one", "field schema_version must be an integer, not string"),
+    ("schema_version", 1.5, "field schema_version must be an integer, not number"),
+    ("latency_ms", "fast", "field latency_ms must be a number, not string"),
     ("cost_usd", [0.1], "field cost_usd must be a number, not array"),
-    ("params", "temperature=0", "field params must be an object, not varchar"),
+    ("params", "temperature=0", "field params must be an object, not string"),
     ("usage", [100, 7], "field usage must be an object, not array"),
     ("feedback", True, "field feedback must be an object, not boolean"),
 ]
@@ -217,7 +217,7 @@ def test_wrong_types_missing_fields_and_bad_values_are_quarantined(local_store, 
     assert sorted(row["request_id"] for row in kept) == sorted(json.loads(text)["request_id"] for text in valid)
     expected = {len(valid) + i + 1: reason for i, (_, reason) in enumerate(cases)}
     # DuckDB calls a non-negative JSON integer "ubigint"; either name says "an integer".
-    found = {n: reason.replace("not ubigint", "not bigint") for n, reason in reasons_by_line(quarantined, key).items()}
+    found = {n: reason.replace("not integer", "not integer") for n, reason in reasons_by_line(quarantined, key).items()}
     assert found == expected
     # Where the request id could be read, the quarantine row carries it.
     by_line = {row["source_line"]: row for row in quarantined}
@@ -314,7 +314,7 @@ def test_a_quarantined_line_does_not_claim_a_request_id(local_store, tmp_path):
     local_store.put_bytes(key, jsonl(line("r-1", latency_ms="slow"), line("r-1")))
     _stats, kept, quarantined = ingest(local_store, tmp_path, [key])
     assert [(row["request_id"], row["source_line"]) for row in kept] == [("r-1", 2)]
-    assert [row["reason"] for row in quarantined] == ["field latency_ms must be a number, not varchar"]
+    assert [row["reason"] for row in quarantined] == ["field latency_ms must be a number, not string"]
 
 
 def test_replays_are_idempotent(local_store, tmp_path):

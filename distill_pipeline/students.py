@@ -1,0 +1,512 @@
+"""Students: a training set into a TrainSpec, adapters in the store, and labelling texts with one.
+
+The Dagster layer (``defs/students/``) and the ``distill-pipeline predict`` command share this
+module, so an adapter is specified, published, fetched, loaded and asked for labels one way
+everywhere; the evaluation report (student against teacher and baselines on the frozen test sets)
+is built here from those same predictions. Torch and the trainer's model code load only when a
+student does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from distill_pipeline.ablation import TEST_SETS
+from distill_pipeline.evaluation import (
+    COMPARISON_COLUMNS,
+    Predictions,
+    Predictor,
+    agreement,
+    comparison_report,
+    evaluate_predictions,
+    latency_throughput,
+    majority_baseline,
+    mistakes_table,
+    tfidf_logreg_baseline,
+)
+from distill_pipeline.layout import CHAMPION_CURRENT, MANIFEST, adapter_pointer
+from distill_pipeline.reporting import markdown_table
+from distill_pipeline.store import ObjectNotFound, ObjectStore
+from distill_pipeline.tables import file_sha256, publish_table, read_manifest
+from distill_pipeline.task import Task
+from distill_pipeline.trainer.spec import TrainSpec
+
+#: The trainer's command-line entry point, run as ``python -m TRAINER_MODULE --spec FILE``.
+TRAINER_MODULE = "distill_pipeline.trainer.train"
+ADAPTER_DIR = "adapter"
+#: The trainer's records published beside the adapter (see trainer/train.py).
+RUN_FILES = ("spec.json", "result.json", "metrics.jsonl", "data_hashes.json")
+TEXT_COLUMN = "input"
+LABEL_COLUMN = "label"
+#: A test-set column with independent (human) labels; when present the teacher is scored too.
+GOLD_COLUMN = "gold_label"
+STUDENT, TEACHER, MAJORITY, TFIDF = "student", "teacher", "majority", "tfidf_logreg"
+PREDICT_BATCH_SIZE = 32
+MISTAKES_PER_KIND = 10
+# Timing rows: enough for stable percentiles, few enough to keep a CPU evaluation short.
+SPEED_ROWS = 256
+SINGLE_REQUEST_ROWS = 32
+
+Log = Callable[[str], None]
+
+
+# --- the training spec ---------------------------------------------------------------------------
+
+
+def build_train_spec(task: Task, train_path: str | Path, output_dir: str | Path, train_rows: int) -> TrainSpec:
+    """The TrainSpec for the task's student on one training-set file of ``train_rows`` rows."""
+    student = task.student
+    fitted_rows = max(1, round(train_rows * (1 - student.validation_fraction)))
+    steps_per_epoch = math.ceil(fitted_rows / student.batch_size)
+    epochs = max(student.epochs, math.ceil(student.min_train_steps / steps_per_epoch))
+    optional = {"prompt_template": student.prompt_template} if student.prompt_template else {}
+    return TrainSpec(
+        train_path=str(train_path),
+        validation_fraction=student.validation_fraction,
+        text_column=TEXT_COLUMN,
+        label_column=LABEL_COLUMN,
+        label_values=list(task.label.values),
+        label_names=list(task.label.names),
+        student_kind=student.kind,  # type: ignore[arg-type]
+        base_model=student.base_model,
+        lora_r=student.lora_r,
+        lora_alpha=student.lora_alpha,
+        lora_dropout=student.lora_dropout,
+        target_modules=list(student.target_modules) if student.target_modules is not None else None,
+        max_length_cap=student.max_length_cap,
+        epochs=epochs,
+        learning_rate=student.learning_rate,
+        batch_size=student.batch_size,
+        seed=student.seed,
+        eval_every_steps=student.eval_every_steps,
+        checkpoint_every_steps=student.checkpoint_every_steps,
+        output_dir=str(output_dir),
+        **optional,
+    )
+
+
+def train_id(spec: TrainSpec, train_sha256: str) -> str:
+    """A short name for (settings, training data): the same inputs always give the same id.
+
+    Where the files lie and which device runs are left out: they do not change what is trained.
+    """
+    settings = dataclasses.asdict(spec)
+    for local in ("train_path", "validation_path", "output_dir", "device"):
+        settings.pop(local)
+    payload = json.dumps({"settings": settings, "train_sha256": train_sha256}, sort_keys=True)
+    return hashlib.sha256(payload.encode()).hexdigest()[:16]
+
+
+# --- adapters in the store -----------------------------------------------------------------------
+
+
+def publish_adapter(store: ObjectStore, prefix: str, run_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Upload a finished run (``adapter/`` and the run records) under ``prefix``, manifest last."""
+    adapter = run_dir / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} holds no adapter_config.json: the training run did not finish")
+    files = {f"{ADAPTER_DIR}/{p.relative_to(adapter).as_posix()}": p for p in sorted(adapter.rglob("*")) if p.is_file()}
+    files |= {name: run_dir / name for name in RUN_FILES if (run_dir / name).is_file()}
+    return publish_table(store, prefix, files, dict(manifest))
+
+
+def point_at_adapter(store: ObjectStore, size_key: str, prefix: str, train: str) -> None:
+    """Make ``prefix`` the size partition's current adapter (after its manifest is written)."""
+    store.put_bytes(adapter_pointer(size_key), json.dumps({"prefix": prefix, "train_id": train}).encode())
+
+
+def current_adapter(store: ObjectStore, size_key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.get_bytes(adapter_pointer(size_key)))
+    except ObjectNotFound:
+        return None
+
+
+def fetch_published(store: ObjectStore, prefix: str, directory: Path, *, under: str = "") -> Path:
+    """Download the manifest's files under ``prefix`` (those starting with ``under``) into
+    ``directory``, each checked against its SHA-256; returns ``directory``."""
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        raise FileNotFoundError(f"nothing published under {prefix} in {store.url} (no {MANIFEST})")
+    for name, entry in manifest["files"].items():
+        if not name.startswith(under):
+            continue
+        local = directory / name
+        store.get_file(prefix + name, local)
+        if file_sha256(local) != entry["sha256"]:
+            raise ValueError(f"{prefix}{name} does not match its manifest (being rewritten?); retry")
+    return directory
+
+
+def fetch_adapter(store: ObjectStore, prefix: str, directory: Path) -> Path:
+    """A published adapter as a local ``adapter/`` folder that ``load_student`` reads."""
+    return fetch_published(store, prefix, directory, under=f"{ADAPTER_DIR}/") / ADAPTER_DIR
+
+
+def resolve_adapter(reference: str, store: ObjectStore | None, directory: Path) -> Path:
+    """A local adapter folder from what a user names.
+
+    ``reference`` is a local folder (an ``adapter/`` folder or a run folder holding one), a
+    published adapter prefix in ``store`` (``students/adapters/size=100pct/<id>/``), or
+    ``champion`` for the current champion.
+    """
+    local = Path(reference).expanduser()
+    for candidate in (local, local / ADAPTER_DIR):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if store is None:
+        raise FileNotFoundError(f"{reference} is not a local adapter folder, and no store was given")
+    if reference == "champion":
+        try:
+            reference = json.loads(store.get_bytes(CHAMPION_CURRENT))["adapter_prefix"]
+        except ObjectNotFound:
+            raise FileNotFoundError(f"no champion in {store.url} yet") from None
+    return fetch_adapter(store, reference.rstrip("/") + "/", directory)
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The trainer's metrics.jsonl: train lines carry ``loss``, validation lines ``val_loss``."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+# --- labelling texts -----------------------------------------------------------------------------
+
+
+def load_adapter_student(adapter_dir: Path, *, device: str = "auto", log: Log = print) -> Any:
+    """The trainer's Student for an adapter folder (imports torch, transformers and peft)."""
+    from distill_pipeline.trainer.predict import load_student
+
+    return load_student(adapter_dir, device=device, log=log)
+
+
+def student_predictor(student: Any, batch_size: int = PREDICT_BATCH_SIZE) -> Predictor:
+    """A student as an evaluation Predictor: texts to labels and probabilities."""
+    values = tuple(int(v) for v in student.labels.values)
+
+    def predict(texts: Sequence[str]) -> Predictions:
+        labels, probabilities = student.predict(list(texts), batch_size=batch_size)
+        return Predictions(labels, np.asarray(probabilities, dtype=float).reshape(len(labels), len(values)), values)
+
+    return predict
+
+
+def read_texts(path: Path, text_column: str) -> tuple[Any, list[str]]:
+    """A Parquet or JSON Lines table and its text column (as strings)."""
+    import pyarrow.json as pj
+    import pyarrow.parquet as pq
+
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        table = pq.read_table(path)
+    elif suffix in (".jsonl", ".json"):
+        table = pj.read_json(path)
+    else:
+        raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+    if text_column not in table.column_names:
+        raise ValueError(f"{path} has no column {text_column!r}; it has {table.column_names}")
+    texts = table.column(text_column).to_pylist()
+    missing = [i for i, text in enumerate(texts) if not isinstance(text, str)]
+    if missing:
+        raise ValueError(f"{path}: {len(missing)} row(s) without a text in {text_column!r}, first at row {missing[0]}")
+    return table, texts
+
+
+def predict_table(
+    predictor: Predictor,
+    label_names: Sequence[str],
+    input_path: Path,
+    output_path: Path,
+    text_column: str = TEXT_COLUMN,
+) -> int:
+    """Label every row of a table; the output is the input plus ``predicted_label``,
+    ``predicted_name`` and ``p_<name>`` per label, written atomically as Parquet."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table, texts = read_texts(input_path, text_column)
+    predictions = predictor(texts)
+    names = dict(zip(predictions.label_values, label_names, strict=True))
+    added = {
+        "predicted_label": pa.array(predictions.labels, pa.int64()),
+        "predicted_name": pa.array([names[v] for v in predictions.labels], pa.string()),
+    }
+    for column, name in enumerate(label_names):
+        added[f"p_{name}"] = pa.array(predictions.probabilities[:, column] if texts else [], pa.float64())
+    for column, values in added.items():
+        if column in table.column_names:
+            table = table.drop_columns([column])
+        table = table.append_column(column, values)
+    output_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=".tmp-", suffix=".parquet")
+    os.close(fd)
+    try:
+        pq.write_table(table, tmp)
+        os.replace(tmp, output_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return table.num_rows
+
+
+# --- the evaluation report -----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LabelledTexts:
+    """A test or training table: texts, the teacher's labels and, when the table has them, gold labels."""
+
+    name: str
+    texts: list[str]
+    labels: list[int]
+    gold: list[int] | None = None
+
+
+def read_labelled(path: Path, name: str) -> LabelledTexts:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path)
+    texts = table.column(TEXT_COLUMN).to_pylist()
+    labels = [int(v) for v in table.column(LABEL_COLUMN).to_pylist()]
+    gold = None
+    if GOLD_COLUMN in table.column_names:
+        values = table.column(GOLD_COLUMN).to_pylist()
+        # Gold counts only where every row has it: a partly labelled set would be a different sample.
+        if values and all(v is not None for v in values):
+            gold = [int(v) for v in values]
+    return LabelledTexts(name, texts, labels, gold)
+
+
+# The comparison table's columns; the confusion matrix and notes stay in the JSON report.
+_SCORE_KEYS = (*COMPARISON_COLUMNS, "rows")
+
+
+def _scores(metrics: Mapping[str, Any]) -> dict[str, Any]:
+    return {key: metrics[key] for key in _SCORE_KEYS if key in metrics}
+
+
+def _evaluate(task: Task, reference: Sequence[int], predicted: Predictions) -> dict[str, Any]:
+    positive = task.label.positive
+    return evaluate_predictions(
+        reference,
+        predicted.labels,
+        predicted.scores(positive),
+        task.label.values,
+        positive,
+        label_names=list(task.label.names),
+    )
+
+
+def _against_teacher(task: Task, test_set: LabelledTexts, predicted: Predictions) -> dict[str, Any]:
+    """Scores against the test labels (the teacher's), with chance-corrected agreement."""
+    metrics = _evaluate(task, test_set.labels, predicted)
+    return metrics | {k: v for k, v in agreement(predicted.labels, test_set.labels).items() if k != "rows"}
+
+
+def score_student(
+    task: Task, student: Predictor, test_sets: Sequence[LabelledTexts], *, against: str = "vs_teacher"
+) -> dict[str, dict[str, Any]]:
+    """One predictor's scores per test set, against the teacher's labels or (``vs_gold``) gold."""
+    scores = {}
+    for test_set in test_sets:
+        if against == "vs_gold" and test_set.gold is None:
+            continue
+        predicted = student(test_set.texts)
+        metrics = (
+            _against_teacher(task, test_set, predicted)
+            if against == "vs_teacher"
+            else _evaluate(task, test_set.gold or [], predicted)
+        )
+        scores[test_set.name] = _scores(metrics)
+    return scores
+
+
+def evaluate_on_test_sets(
+    task: Task,
+    student: Predictor,
+    train: LabelledTexts,
+    test_sets: Sequence[LabelledTexts],
+    *,
+    speed_batch_size: int = PREDICT_BATCH_SIZE,
+    log: Log = print,
+) -> dict[str, Any]:
+    """Student, teacher, majority and TF-IDF + logistic regression side by side on each test set.
+
+    The test labels are the teacher's labels, so every model is scored against the teacher (the
+    reference, 1 by definition) and its agreement with the teacher is reported; where a test set
+    also has gold labels, every model including the teacher is scored against gold too. The
+    baselines are trained on the same training set as the student.
+    """
+    positive = task.label.positive
+    log(f"training the baselines on {len(train.texts):,} rows")
+    predictors: dict[str, Predictor] = {
+        STUDENT: student,
+        TFIDF: tfidf_logreg_baseline(train.texts, train.labels, task.splits.seed, label_values=task.label.values),
+        MAJORITY: majority_baseline(train.labels, label_values=task.label.values),
+    }
+    report: dict[str, Any] = {"reference": "teacher", "test_sets": {}}
+    for test_set in test_sets:
+        predictions = {name: predict(test_set.texts) for name, predict in predictors.items()}
+        vs_teacher = {name: _against_teacher(task, test_set, predicted) for name, predicted in predictions.items()}
+        vs_gold = None
+        if test_set.gold is not None:
+            # The teacher gives labels only: no scores, so no ROC AUC for it.
+            vs_gold = {
+                TEACHER: evaluate_predictions(
+                    test_set.gold,
+                    test_set.labels,
+                    None,
+                    task.label.values,
+                    positive,
+                    label_names=list(task.label.names),
+                ),
+                **{name: _evaluate(task, test_set.gold, predicted) for name, predicted in predictions.items()},
+            }
+        entry: dict[str, Any] = {
+            "rows": len(test_set.texts),
+            "has_gold": test_set.gold is not None,
+            "vs_teacher": {
+                TEACHER: {"agreement": 1.0, "cohen_kappa": 1.0, "rows": len(test_set.labels)},
+                **{name: _scores(m) for name, m in vs_teacher.items()},
+            },
+            "vs_gold": {name: _scores(m) for name, m in vs_gold.items()} if vs_gold else None,
+            "confusion": {
+                name: {k: m[k] for k in ("confusion_matrix", "confusion_matrix_markdown", "roc_auc_note") if k in m}
+                for name, m in vs_teacher.items()
+            },
+        }
+        if positive is not None:
+            student_predictions = predictions[STUDENT]
+            mistakes = mistakes_table(
+                test_set.texts,
+                test_set.labels,
+                student_predictions.labels,
+                student_predictions.scores(positive).tolist(),
+                positive,
+                k=MISTAKES_PER_KIND,
+            )
+            entry["mistakes"] = {
+                "false_positives": mistakes.false_positives,
+                "false_negatives": mistakes.false_negatives,
+            }
+            entry["mistakes_markdown"] = mistakes.markdown()
+        report["test_sets"][test_set.name] = entry
+    if any(t.gold is not None for t in test_sets):
+        report["reference"] = "teacher and gold"
+    speed_texts = [text for t in test_sets for text in t.texts][:SPEED_ROWS]
+    report["speed"] = {
+        "batched": latency_throughput(student, speed_texts, speed_batch_size),
+        "single_request": latency_throughput(student, speed_texts[:SINGLE_REQUEST_ROWS], 1),
+    }
+    return report
+
+
+def reference_note(report: Mapping[str, Any]) -> str:
+    """What the scores in a report are measured against, in a sentence or two."""
+    with_gold = [name for name, entry in report["test_sets"].items() if entry["has_gold"]]
+    note = (
+        "The test labels are the teacher's own labels, so the teacher is the reference: each model's "
+        "scores are its agreement with the teacher, and the teacher's row is 1 by definition."
+    )
+    if with_gold:
+        note += f" Gold labels exist for {', '.join(with_gold)}: there every model, the teacher included, is also scored against gold."
+    else:
+        note += " No test set has gold labels, so the teacher's own accuracy is not measured here."
+    return note
+
+
+def report_markdown(report: Mapping[str, Any]) -> str:
+    """The whole evaluation report for people: comparisons, gold scores, confusion, mistakes, speed."""
+    parts = [
+        f"_{reference_note(report)}_",
+        comparison_report({name: e["vs_teacher"] for name, e in report["test_sets"].items()}),
+    ]
+    gold = {name: e["vs_gold"] for name, e in report["test_sets"].items() if e["vs_gold"]}
+    if gold:
+        parts += ["### Against gold labels", comparison_report(gold)]
+    for name, entry in report["test_sets"].items():
+        parts += [
+            f"### {TEST_SETS.get(name, name)}: student confusion matrix",
+            entry["confusion"][STUDENT]["confusion_matrix_markdown"],
+        ]
+        if "mistakes_markdown" in entry:
+            parts += [f"### {TEST_SETS.get(name, name)}: student mistakes", entry["mistakes_markdown"]]
+    parts += ["### Student speed", speed_markdown(report["speed"])]
+    return "\n\n".join(parts)
+
+
+def speed_markdown(speed: Mapping[str, Mapping[str, Any]]) -> str:
+    rows = [
+        (
+            kind,
+            value["batch_size"],
+            value["rows"],
+            f"{value['latency_p50_ms']:.1f}",
+            f"{value['latency_p95_ms']:.1f}",
+            f"{value['rows_per_s']:,.1f}",
+        )
+        for kind, value in speed.items()
+    ]
+    return markdown_table(rows, ["mode", "batch size", "rows", "p50 ms / batch", "p95 ms / batch", "rows/s"])
+
+
+def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
+    """Every model's scores as ``<model>_<metric>_<test set>`` floats, for the UI to chart."""
+    flat: dict[str, float] = {}
+    for test_set, entry in report["test_sets"].items():
+        for reference, suffix in (("vs_teacher", ""), ("vs_gold", "_vs_gold")):
+            for model, scores in (entry[reference] or {}).items():
+                if model == TEACHER and reference == "vs_teacher":
+                    continue
+                for metric in COMPARISON_COLUMNS:
+                    value = scores.get(metric)
+                    if isinstance(value, int | float) and not isinstance(value, bool):
+                        flat[f"{model}_{metric}_{test_set}{suffix}"] = float(value)
+    for kind, value in report["speed"].items():
+        flat[f"student_rows_per_s_{kind}"] = float(value["rows_per_s"])
+        flat[f"student_latency_p50_ms_{kind}"] = float(value["latency_p50_ms"])
+    return flat
+
+
+def scores_by_test_set(
+    report: Mapping[str, Any], model: str, *, against: str = "vs_teacher"
+) -> dict[str, dict[str, Any]]:
+    """One model's scores per test set (``against``: ``vs_teacher`` or ``vs_gold``); test sets
+    without that reference are left out."""
+    return {
+        name: dict(entry[against][model])
+        for name, entry in report["test_sets"].items()
+        if entry.get(against) and model in entry[against]
+    }
+
+
+def publish_report(
+    store: ObjectStore, prefix: str, report: Mapping[str, Any], markdown: str, manifest: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``report.json`` and ``report.md`` under ``prefix``, manifest last."""
+    with tempfile.TemporaryDirectory(prefix="distill-report-") as directory:
+        json_path, md_path = Path(directory) / "report.json", Path(directory) / "report.md"
+        json_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        md_path.write_text(markdown + "\n")
+        return publish_table(store, prefix, {"report.json": json_path, "report.md": md_path}, dict(manifest))
+
+
+def read_report(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
+    """A published report.json, or None before one exists."""
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        return None
+    data = store.get_bytes(prefix + "report.json")
+    if hashlib.sha256(data).hexdigest() != manifest["files"]["report.json"]["sha256"]:
+        raise ValueError(f"{prefix}report.json does not match its manifest (being rewritten?); retry")
+    return json.loads(data)
