@@ -88,7 +88,7 @@ class StudentConfig:
     base_model: str | None = None
     lora_r: int = 8
     lora_alpha: int = 16
-    lora_dropout: float = 0.05
+    lora_dropout: float = 0.0
     target_modules: tuple[str, ...] | None = None
     max_length_cap: int = 128
     epochs: int = 1
