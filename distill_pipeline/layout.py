@@ -69,3 +69,9 @@ def champion_history_key(promoted_at: str, train_id: str) -> str:
 
 
 MANIFEST = "_manifest.json"
+
+DRIFT_REPORTS_ROOT = f"{REPORTS}/drift_report/"
+
+
+def drift_report_prefix(day: str) -> str:
+    return f"{DRIFT_REPORTS_ROOT}dt={day}/"

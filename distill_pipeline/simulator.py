@@ -463,6 +463,9 @@ class TrafficProfile:
     malformed_rate: float = 0.002
     records_per_object: int = 5_000
     model: str = "openai/gpt-4-1106-preview"
+    # Drift injection: this share of comments is written in Spanish (a new market arriving), drawn
+    # from a generator of its own so that the rest of the day is the same bytes as without it.
+    spanish_share: float = 0.0
     prompt_usd_per_million_tokens: float = 10.0
     completion_usd_per_million_tokens: float = 30.0
 
@@ -479,6 +482,8 @@ class TrafficProfile:
             raise ValueError("spam, exact and near duplicate rates must be non-negative and sum to at most 1")
         if not 0.0 <= self.malformed_rate <= 0.5:
             raise ValueError("malformed_rate must be within [0, 0.5]: faults need valid lines to repeat")
+        if not 0.0 <= self.spanish_share <= 1.0:
+            raise ValueError("spanish_share must be within [0, 1]")
         if self.n_users < 1 or self.records_per_object < 1:
             raise ValueError("n_users and records_per_object must be positive")
 
@@ -645,6 +650,10 @@ class _TrafficSource:
             picked = rng.integers(len(labels_all), size=n)
             texts, truth, kind = texts_all.take(picked), labels_all[picked], np.full(n, _CORPUS, np.int8)
         texts, truth, kind, users = self._duplicates_and_spam(rng, texts, truth, kind)
+        if profile.spanish_share > 0:
+            texts = _spanish_comments(
+                texts, truth == self.positive, kind != _SPAM, profile.spanish_share, self.seed, date
+            )
 
         # The teacher: wrong on a share of calls, more often on the borderline ones.
         weight = np.where(kind == _BORDERLINE, 5.0, 1.0)
@@ -917,6 +926,49 @@ def _fill(template: str, topic: np.ndarray, rng: np.random.Generator) -> pa.Arra
     if not any(isinstance(piece, pa.Array) for piece in pieces):
         return pa.repeat(template, n)
     return pc.binary_join_element_wise(*pieces, "")
+
+
+SPANISH_NOUNS = (
+    "el partido de anoche",
+    "la nueva actualización",
+    "esta receta",
+    "el concierto",
+    "la película",
+    "el árbitro",
+    "mi portátil",
+    "el final de la serie",
+    "la tienda del barrio",
+    "el autobús de las ocho",
+)
+SPANISH_BENIGN = (
+    "Creo que {noun} estuvo genial, gracias por compartir.",
+    "¿Alguien sabe cuándo arreglan {noun}? Me parece un poco lento.",
+    "Sinceramente, {noun} me gustó mucho más de lo que esperaba.",
+    "No estoy de acuerdo sobre {noun}, pero entiendo tu punto.",
+    "Ayer probé {noun} y la verdad es que vale la pena.",
+    "Buena observación sobre {noun}, muy útil.",
+)
+SPANISH_TOXIC = (
+    "Eres un idiota, nadie quiere leer tu opinión sobre {noun}.",
+    "Cállate ya, payaso ignorante.",
+    "Solo un imbécil diría eso de {noun}.",
+    "Vete a otro foro, tonto inútil.",
+    "Qué comentario más estúpido, igual que tú.",
+)
+
+
+def _spanish_comments(
+    texts: pa.Array, toxic: np.ndarray, eligible: np.ndarray, share: float, seed: int, date: dt.date
+) -> pa.Array:
+    """``texts`` with a ``share`` of the eligible rows rewritten as Spanish comments of the same label."""
+    rng = np.random.default_rng(np.random.SeedSequence([seed, 2, date.toordinal()]))
+    rows = np.flatnonzero(eligible & (rng.random(len(texts)) < share))
+    values = texts.to_pylist()
+    for row in rows.tolist():
+        templates = SPANISH_TOXIC if toxic[row] else SPANISH_BENIGN
+        template = templates[int(rng.integers(len(templates)))]
+        values[row] = template.format(noun=SPANISH_NOUNS[int(rng.integers(len(SPANISH_NOUNS)))])
+    return pa.array(values, pa.string())
 
 
 def _assemble(group: np.ndarray, n_groups: int, build: Callable[[int, np.ndarray], pa.Array]) -> pa.Array:

@@ -112,6 +112,43 @@ class StudentConfig:
 
 
 @dataclass(frozen=True)
+class MonitoringConfig:
+    """Keeping the student current: how often it is re-distilled and when drift calls for retraining.
+
+    The drift thresholds compare a day of fresh traffic with the champion's training data; see
+    ``distill_pipeline/drift.py`` for what each statistic means.
+    """
+
+    # The re-distillation schedule (cron, UTC) and the training-set size it retrains.
+    retrain_cron: str = "0 3 * * 0"
+    retrain_size: str = "100%"
+    # How often the fresh-logs, automation and retraining sensors look (seconds).
+    sensor_interval_s: int = 60
+    # Rows sampled from each side for the drift statistics; bounds their cost on a CPU.
+    sample_rows: int = 400
+    embedding_rows: int = 200
+    permutations: int = 300
+    # Days with fewer labelled rows than this are reported but never raise a drift signal.
+    min_rows: int = 50
+    max_length_psi: float = 0.25
+    max_oov_increase: float = 0.10
+    # Embedding drift fires when the MMD is significant and at least this large.
+    embedding_alpha: float = 0.01
+    min_embedding_mmd: float = 0.01
+    max_label_rate_shift: float = 0.10
+    # Shadow evaluation: the champion's agreement with the teacher on fresh traffic may fall at
+    # most this far below its agreement on the in-distribution test set.
+    max_agreement_drop: float = 0.08
+    shadow_rows: int = 300
+
+    def __post_init__(self) -> None:
+        if min(self.sample_rows, self.embedding_rows, self.permutations, self.shadow_rows, self.min_rows) < 1:
+            raise TaskConfigError("monitoring row counts and permutations must be positive")
+        if self.sensor_interval_s < 1:
+            raise TaskConfigError("monitoring.sensor_interval_s must be positive")
+
+
+@dataclass(frozen=True)
 class Task:
     id: str
     description: str
@@ -122,6 +159,7 @@ class Task:
     checks: CheckConfig
     source: Path
     student: StudentConfig = field(default_factory=StudentConfig)
+    monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def prompt(self, prompt_id: str) -> PromptTemplate:
         try:
@@ -189,6 +227,7 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
             checks=CheckConfig(**raw.get("checks", {})),
             source=folder,
             student=StudentConfig(**student),
+            monitoring=MonitoringConfig(**raw.get("monitoring", {})),
         )
     except (KeyError, TypeError) as exc:
         raise TaskConfigError(f"task {name!r}: {exc}") from exc
