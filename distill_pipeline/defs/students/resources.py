@@ -59,6 +59,8 @@ class TrainerResource(dg.ConfigurableResource):
 
 @dg.definitions
 def resources() -> dg.Definitions:
-    return dg.Definitions(
-        resources={"trainer": TrainerResource(), "pipes_subprocess_client": dg.PipesSubprocessClient()}
-    )
+    # DISTILL_DEPLOYMENT chooses where the trainer runs: a local subprocess, a GPU pod or an ECS
+    # task (launchers.py); imported here because launchers.py reads this module's GPU placement.
+    from distill_pipeline.defs.students.launchers import training_pipes_client
+
+    return dg.Definitions(resources={"trainer": TrainerResource(), "pipes_subprocess_client": training_pipes_client()})
