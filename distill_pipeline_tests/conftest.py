@@ -1,7 +1,10 @@
-"""Shared fixtures: the two object stores (a temp directory, and S3 on a real moto server).
+"""Shared fixtures: the two object stores (a temp directory, and S3 on a real moto server), and
+the OpenAI-compatible teacher server.
 
 The moto server is a separate process on loopback, started in its own process group and
-stopped by PID, so the S3 tests exercise boto3's real HTTP path rather than an in-process mock.
+stopped by PID, so the S3 tests exercise boto3's real HTTP path rather than an in-process mock;
+the teacher server (``openai_server.py``) is started the same way, and litellm reaches it over
+HTTP as it reaches OpenAI.
 """
 
 from __future__ import annotations
@@ -119,3 +122,21 @@ def local_store(tmp_path: Path) -> LocalStore:
 def any_store(request: pytest.FixtureRequest) -> ObjectStore:
     """Each store in turn, for tests of behaviour both must share."""
     return request.getfixturevalue(f"{request.param}_store")
+
+
+@pytest.fixture(scope="session")
+def teacher_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """The base URL of the project's OpenAI-compatible test server on loopback."""
+    from distill_pipeline_tests.openai_server import running_server
+
+    with running_server(tmp_path_factory.mktemp("teacher-server") / "server.log") as url:
+        yield url
+
+
+@pytest.fixture
+def teacher_url(teacher_server: str) -> str:
+    """The teacher server, reset to no faults and no history."""
+    from distill_pipeline_tests.openai_server import control
+
+    control(teacher_server, reset=True)
+    return teacher_server

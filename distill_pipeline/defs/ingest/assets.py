@@ -7,6 +7,8 @@ import dagster as dg
 from distill_pipeline.defs.common import location, scratch_dir
 from distill_pipeline.defs.partitions import log_days
 from distill_pipeline.defs.resources import StoreResource, TaskResource
+from distill_pipeline.defs.teachers.labelling import teacher_verdicts, verdicts_metadata
+from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.ingest import ingest_objects
 from distill_pipeline.labels import label_records
 from distill_pipeline.layout import raw_logs_prefix, teacher_labels_prefix
@@ -116,21 +118,35 @@ def raw_logs(context: dg.AssetExecutionContext, store: StoreResource, task: Task
         )
     ],
 )
-def teacher_labels(context: dg.AssetExecutionContext, store: StoreResource, task: TaskResource) -> dg.MaterializeResult:
-    """The task's label parsed from each logged teacher response; errors and unparseable answers quarantined."""
+def teacher_labels(
+    context: dg.AssetExecutionContext, store: StoreResource, task: TaskResource, teacher: TeacherResource
+) -> dg.MaterializeResult:
+    """The task's label for each logged call: parsed from its response, or asked of the configured teachers."""
     day = context.partition_key
     object_store = store.open()
     loaded = task.load()
+    teacher_metadata: dict[str, object] = {}
     with scratch_dir(context) as scratch:
         records = fetch_table(object_store, raw_logs_prefix(day), "records.parquet", scratch)
         labels, quarantine = scratch / "labels.parquet", scratch / "quarantine.parquet"
-        stats = label_records(records, loaded, scratch / "duckdb", labels, quarantine)
+        files = {"labels.parquet": labels, "quarantine.parquet": quarantine}
+        if teacher.mode == "logged":
+            stats = label_records(records, loaded, scratch / "duckdb", labels, quarantine)
+        else:
+            review = scratch / "review.parquet"
+            verdicts = teacher_verdicts(context, object_store, teacher, loaded, records, scratch)
+            stats = label_records(
+                records, loaded, scratch / "duckdb", labels, quarantine,
+                mode=teacher.mode, verdicts=verdicts.table, review_path=review,
+            )  # fmt: skip
+            files["review.parquet"] = review
+            teacher_metadata = verdicts_metadata(verdicts, review)
         prefix = teacher_labels_prefix(day)
         publish_table(
             object_store,
             prefix,
-            {"labels.parquet": labels, "quarantine.parquet": quarantine},
-            {"day": day, "task": loaded.id, "stats": dataclasses.asdict(stats)},
+            files,
+            {"day": day, "task": loaded.id, "mode": teacher.mode, "stats": dataclasses.asdict(stats)},
         )
         labelled_sample = parquet_sample_markdown(labels, ["request_id", "label", "parse_method", "input"], limit=10)
         quarantine_sample = parquet_sample_markdown(quarantine, ["request_id", "reason", "response_excerpt"], limit=10)
@@ -154,6 +170,8 @@ def teacher_labels(context: dg.AssetExecutionContext, store: StoreResource, task
             "labelled_sample": dg.MetadataValue.md(labelled_sample),
             "quarantine_sample": dg.MetadataValue.md(quarantine_sample),
             "table": location(object_store, prefix + "labels.parquet"),
+            "mode": teacher.mode,
+            **teacher_metadata,
         },
         check_results=[
             dg.AssetCheckResult(

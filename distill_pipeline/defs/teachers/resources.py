@@ -1,0 +1,122 @@
+"""The teacher resource: which litellm models label the data, where they are, and within what limits.
+
+Keys come from the environment through ``dg.EnvVar`` and never reach logs or metadata; a model
+whose provider litellm knows (``anthropic/...``, ``vertex_ai/...``) may instead take its key from
+that provider's usual variable, which litellm reads itself. Self-hosted servers (vLLM, Ollama,
+a litellm proxy) are an ``api_base``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Literal
+
+import dagster as dg
+from pydantic import Field
+
+from distill_pipeline.ledger import Ledger
+from distill_pipeline.store import ObjectStore
+from distill_pipeline.teacher import ClientSettings, Price, TeacherClient, TeacherSpec
+
+LabelMode = Literal["logged", "relabel", "fill"]
+
+
+class TeacherPrice(dg.Config):
+    """US dollars per million tokens, for a model litellm's price map does not know."""
+
+    input_per_mtok: float
+    output_per_mtok: float
+
+
+class TeacherResource(dg.ConfigurableResource):
+    """Teachers as litellm model strings, their prompt and sampling, the provider limits, the budget."""
+
+    mode: LabelMode = "logged"
+    """How ``teacher_labels`` labels a day: ``logged`` parses the logged responses; ``relabel`` asks the
+    teachers for every row; ``fill`` asks them only where the logged response gave no label."""
+
+    models: list[str] = Field(default_factory=list)
+    """Teachers, e.g. ``["openai/gpt-4o"]``; several are majority-voted, ties going to the earlier one."""
+
+    prompt_id: str = "simple_prompt"
+    """The task's prompt template the teachers get."""
+
+    temperature: float = 0.0
+    max_tokens: int = 256
+    fallback_model: str | None = None
+    """Asked when a teacher still fails after its retries."""
+
+    api_base: str | None = None
+    api_key: str | None = None
+    """Set with ``dg.EnvVar``; never logged."""
+
+    rpm: float | None = None
+    """The provider's requests-per-minute limit the client keeps to."""
+
+    tpm: float | None = None
+    """The provider's tokens-per-minute limit the client keeps to."""
+
+    max_concurrency: int = 16
+    timeout_s: float = 60.0
+    max_retries: int = 8
+    budget_usd: float | None = None
+    """The most one materialisation may spend on new calls; it stops before going over."""
+
+    prices: dict[str, TeacherPrice] = Field(default_factory=dict)
+    """Prices of models litellm does not know, by model string."""
+
+    journal_dir: str | None = None
+    """Local journal of the ledger (``$DISTILL_LEDGER_JOURNAL``, else under the temp dir); on
+    Kubernetes, a volume, so a killed pod's last answers are not paid for again."""
+
+    def specs(self) -> list[TeacherSpec]:
+        return [
+            TeacherSpec(model, self.prompt_id, self.temperature, self.max_tokens, self.fallback_model)
+            for model in self.models
+        ]
+
+    def settings(self, *, budget_usd: float | None = None) -> ClientSettings:
+        return ClientSettings(
+            api_base=self.api_base,
+            api_key=self.api_key,
+            rpm=self.rpm,
+            tpm=self.tpm,
+            max_concurrency=self.max_concurrency,
+            timeout_s=self.timeout_s,
+            max_retries=self.max_retries,
+            budget_usd=self.budget_usd if budget_usd is None else budget_usd,
+            prices={name: Price(p.input_per_mtok, p.output_per_mtok) for name, p in self.prices.items()},
+        )
+
+    @contextmanager
+    def client(self, store: ObjectStore, context: dg.AssetExecutionContext) -> Iterator[TeacherClient]:
+        """A client over the store's ledger; the ledger is published when the block ends, even on error."""
+        journal = Path(self.journal_dir).expanduser() if self.journal_dir else None
+        ledger = Ledger.open(store, journal)
+        try:
+            yield TeacherClient(self.settings(), ledger, progress=context.log.info)
+        finally:
+            ledger.close()
+
+
+def _env_list(name: str) -> list[str]:
+    return [item.strip() for item in os.environ.get(name, "").split(",") if item.strip()]
+
+
+@dg.definitions
+def resources() -> dg.Definitions:
+    mode = os.environ.get("DISTILL_TEACHER_MODE", "logged")
+    key = dg.EnvVar("DISTILL_TEACHER_API_KEY") if os.environ.get("DISTILL_TEACHER_API_KEY") else None
+    return dg.Definitions(
+        resources={
+            "teacher": TeacherResource(
+                mode=mode,  # type: ignore[arg-type]  # validated by the resource's config schema
+                models=_env_list("DISTILL_TEACHERS"),
+                api_base=os.environ.get("DISTILL_TEACHER_API_BASE"),
+                api_key=key,
+            )
+        }
+    )
