@@ -12,6 +12,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -173,6 +174,10 @@ def run_steps(steps: Sequence[Step], *, out: TextIO = sys.stdout) -> list[StepOu
     definitions = load_defs()
     assets = list(definitions.assets or [])
     outcomes = []
+    # Pipes' message reader is a Dagster preview API; its notice would interleave with the
+    # progress lines of every training step.
+    warnings.filterwarnings("ignore", category=dg.PreviewWarning)
+    warnings.filterwarnings("ignore", category=dg.BetaWarning)
     with dg.DagsterInstance.get() as instance:
         for index, step in enumerate(steps, start=1):
             label = f"[{index}/{len(steps)}] {step.asset}" + (f" {step.partition}" if step.partition else "")

@@ -78,6 +78,8 @@ def build_train_spec(task: Task, train_path: str | Path, output_dir: str | Path,
         label_column=LABEL_COLUMN,
         label_values=list(task.label.values),
         label_names=list(task.label.names),
+        positive_label=task.label.positive if len(task.label.values) == 2 else None,
+        calibrate_threshold=student.calibrate_threshold,
         student_kind=student.kind,  # type: ignore[arg-type]
         base_model=student.base_model,
         lora_r=student.lora_r,

@@ -6,6 +6,7 @@ initialised two-layer Llama with a word-level tokenizer built here, saved to a t
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 import os
@@ -28,6 +29,7 @@ import pyarrow.parquet as pq  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from distill_pipeline.trainer import model as trainer_model  # noqa: E402
+from distill_pipeline.trainer.calibration import THRESHOLD_RANGE  # noqa: E402
 from distill_pipeline.trainer.data import (  # noqa: E402
     IGNORE_INDEX,
     DecoderCodec,
@@ -316,6 +318,40 @@ def test_encoder_student_learns_and_saves_a_peft_adapter(tmp_path: Path) -> None
     tokens = load_student(adapter, log=quiet).codec.tokenizer([held_out[0]["input"]], return_tensors="pt")
     with torch.no_grad():
         assert int(peft_model(**tokens).logits.argmax()) == labels[0]
+
+
+@needs_minilm
+def test_a_two_label_student_records_its_validation_threshold_and_predicts_with_it(tmp_path: Path) -> None:
+    spec = TrainSpec(
+        train_path=str(write_parquet(synthetic_rows(128, 5), tmp_path / "train.parquet")),
+        validation_path=str(write_parquet(synthetic_rows(80, 6), tmp_path / "validation.parquet")),
+        label_values=[0, 1],
+        label_names=LABEL_NAMES,
+        positive_label=1,
+        epochs=1,
+        batch_size=16,
+        learning_rate=5e-3,
+        eval_every_steps=None,
+        checkpoint_every_steps=None,
+        output_dir=str(tmp_path / "run"),
+    )
+    result = train(spec, log=quiet)
+    assert result.decision_threshold is not None
+    assert THRESHOLD_RANGE[0] <= result.decision_threshold <= THRESHOLD_RANGE[1]
+    # Chosen on the validation rows, where 0.5 was a candidate too: never worse than argmax there.
+    assert result.val_accuracy_calibrated >= result.val_accuracy
+    meta = json.loads((tmp_path / "run" / "adapter" / "student.json").read_text())
+    assert meta["decision"] == {"positive_label": 1, "threshold": result.decision_threshold}
+
+    student = load_student(tmp_path / "run" / "adapter", log=quiet)
+    texts = [r["input"] for r in synthetic_rows(40, 7)]
+    labels, probabilities = student.predict(texts)
+    assert labels == [1 if p[1] >= result.decision_threshold else 0 for p in probabilities]
+
+    # Without calibration the adapter says so, and prediction is argmax.
+    plain = train(dataclasses.replace(spec, calibrate_threshold=False, output_dir=str(tmp_path / "plain")), log=quiet)
+    assert plain.decision_threshold is None
+    assert json.loads((tmp_path / "plain" / "adapter" / "student.json").read_text())["decision"] is None
 
 
 def test_decoder_student_trains_and_predicts_valid_labels(

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import contextlib
 import importlib.util
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -85,6 +86,26 @@ def choose_runtime(device: str, log: Log) -> Runtime:
         f"NOTICE: no CUDA device in use; training on {chosen.type} in float32, which is only practical for small models"
     )
     return Runtime(chosen, None)
+
+
+@contextlib.contextmanager
+def quiet_loading() -> Iterator[None]:
+    """Loading a base under a new classifier head, then its adapter, without the expected noise.
+
+    transformers reports the head's missing weights as a warning table on every load (the head
+    is new by design: training creates it, the adapter carries it), and PEFT reads a property
+    that transformers 5 deprecated. Real load errors still raise.
+    """
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+            yield
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def load_tokenizer(base_model: str):

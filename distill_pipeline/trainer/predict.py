@@ -6,7 +6,9 @@
 ``labels`` are label values; ``scores[i][j]`` is the probability of ``student.labels.values[j]``
 for text i: the classifier's softmax for an encoder, and for a decoder the softmax, over the
 candidate labels, of the log-likelihood of each label's answer (constrained generation: the
-answer is always one of the labels).
+answer is always one of the labels). A two-label student trained with a calibrated decision
+threshold labels a text positive when its positive probability reaches that threshold; other
+students answer the most probable label.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 
+from distill_pipeline.trainer.calibration import apply_threshold
 from distill_pipeline.trainer.data import DecoderCodec, EncoderCodec, Example, LabelSet
 from distill_pipeline.trainer.model import (
     Log,
@@ -27,6 +30,7 @@ from distill_pipeline.trainer.model import (
     label_log_scores,
     load_base_model,
     load_tokenizer,
+    quiet_loading,
     resolve_base_model,
 )
 
@@ -42,8 +46,21 @@ def make_codec(
     return DecoderCodec(tokenizer, prompt_template, labels.names, packing)
 
 
+@dataclass(frozen=True)
+class DecisionRule:
+    """Two-label students: the positive label is chosen when its probability reaches ``threshold``."""
+
+    positive_label: int
+    threshold: float
+
+
 def student_metadata(
-    kind: str, base_model: str | None, labels: LabelSet, max_length: int, prompt_template: str
+    kind: str,
+    base_model: str | None,
+    labels: LabelSet,
+    max_length: int,
+    prompt_template: str,
+    decision: DecisionRule | None = None,
 ) -> dict[str, Any]:
     return {
         "student_kind": kind,
@@ -53,7 +70,22 @@ def student_metadata(
         "label_names": labels.names,
         "max_length": max_length,
         "prompt_template": prompt_template,
+        "decision": None
+        if decision is None
+        else {"positive_label": decision.positive_label, "threshold": decision.threshold},
     }
+
+
+def decide(labels: LabelSet, probabilities: torch.Tensor, decision: DecisionRule | None) -> list[int]:
+    """Label values from [rows, labels] probabilities: argmax, or the two-label threshold rule."""
+    if decision is None:
+        return [labels.values[i] for i in probabilities.argmax(dim=-1).tolist()]
+    positive = labels.index_of(decision.positive_label)
+    negative = labels.values[1 - positive]
+    return [
+        decision.positive_label if apply_threshold(p, decision.threshold) else negative
+        for p in probabilities[:, positive].tolist()
+    ]
 
 
 @dataclass
@@ -63,6 +95,7 @@ class Student:
     labels: LabelSet
     max_length: int
     runtime: Runtime
+    decision: DecisionRule | None = None
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> tuple[list[int], list[list[float]]]:
         """(label value, per-label probabilities) for every text."""
@@ -73,8 +106,7 @@ class Student:
             self.codec, self.model, examples, len(self.labels.values), self.max_length, batch_size, self.runtime
         )
         probabilities = torch.softmax(log_scores, dim=-1)
-        chosen = probabilities.argmax(dim=-1).tolist()
-        return [self.labels.values[i] for i in chosen], probabilities.tolist()
+        return decide(self.labels, probabilities, self.decision), probabilities.tolist()
 
 
 def load_student(
@@ -93,7 +125,11 @@ def load_student(
     runtime = choose_runtime(device, log)
     base = resolve_base_model(base_model or meta["base_model"])
     tokenizer = load_tokenizer(str(adapter_dir))
-    model = load_base_model(meta["student_kind"], base, labels, runtime)
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).to(runtime.device).eval()
+    with quiet_loading():
+        # The base's classifier head is new here; the adapter's saved head replaces it just below.
+        model = load_base_model(meta["student_kind"], base, labels, runtime)
+        model = PeftModel.from_pretrained(model, str(adapter_dir)).to(runtime.device).eval()
     codec = make_codec(meta["student_kind"], tokenizer, labels, meta["prompt_template"], packing=True)
-    return Student(model, codec, labels, int(meta["max_length"]), runtime)
+    rule = meta.get("decision")
+    decision = DecisionRule(int(rule["positive_label"]), float(rule["threshold"])) if rule else None
+    return Student(model, codec, labels, int(meta["max_length"]), runtime, decision)

@@ -33,6 +33,11 @@ class TrainSpec:
     label_values: list[int] | None = None
     # None: the values as text. A decoder student is trained to answer with these names.
     label_names: list[str] | None = None
+    # Two labels only: the label whose probability the decision threshold cuts. With
+    # calibrate_threshold, the cut-off that maximises validation accuracy is recorded beside the
+    # adapter and used by every prediction; otherwise (or without positive_label) it is argmax.
+    positive_label: int | None = None
+    calibrate_threshold: bool = True
 
     # Model: a Hugging Face id or a local folder. None means the packaged all-MiniLM-L6-v2
     # (encoder only; its weights' SHA-256 is checked on load).
@@ -94,6 +99,10 @@ class TrainSpec:
             problems.append("label_values must be distinct")
         if self.label_names is not None and len(set(self.label_names)) != len(self.label_names):
             problems.append("label_names must be distinct")
+        if self.positive_label is not None and (
+            self.label_values is None or self.positive_label not in self.label_values or len(self.label_values) != 2
+        ):
+            problems.append("positive_label needs exactly two label_values, one of them the positive_label")
         if not 0.0 < self.validation_fraction < 1.0:
             problems.append("validation_fraction must be between 0 and 1")
         for name in ("lora_r", "epochs", "batch_size", "grad_accum_steps", "max_length_cap"):

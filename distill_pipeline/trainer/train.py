@@ -11,7 +11,8 @@ One straight path, top to bottom:
 7. loop: length-bucketed micro-batches, gradient accumulation, clipping, a metrics line per
    step, validation every eval_every_steps (early stopping), an atomic checkpoint every
    checkpoint_every_steps
-8. export: adapter/ (the best validation loss), optionally merged/, result.json written last
+8. export: adapter/ (the best validation loss) with its decision threshold chosen on the
+   validation rows, optionally merged/, result.json written last
 
 Outputs in output_dir: adapter/ (adapter_config.json, adapter_model.safetensors, tokenizer,
 student.json), spec.json, data_hashes.json, metrics.jsonl, result.json, merged/ if asked.
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 
+from distill_pipeline.trainer.calibration import choose_threshold
 from distill_pipeline.trainer.checkpoint import (
     checkpoints,
     latest_checkpoint,
@@ -61,11 +63,12 @@ from distill_pipeline.trainer.model import (
     load_base_model,
     load_tokenizer,
     lora_config,
+    quiet_loading,
     resolve_base_model,
     target_nll_sum,
     to_device,
 )
-from distill_pipeline.trainer.predict import STUDENT_FILE, make_codec, student_metadata
+from distill_pipeline.trainer.predict import STUDENT_FILE, DecisionRule, decide, make_codec, student_metadata
 from distill_pipeline.trainer.spec import TrainSpec
 
 RESULT_FILE = "result.json"
@@ -92,6 +95,10 @@ class TrainResult:
     train_tokens: int
     train_tokens_per_s: float
     device: str
+    # Two-label students with calibrate_threshold: the cut-off on P(positive) chosen on the
+    # validation rows, and the validation accuracy under it (optimistic: chosen on those rows).
+    decision_threshold: float | None = None
+    val_accuracy_calibrated: float | None = None
 
 
 class MetricsLog:
@@ -182,11 +189,12 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
 
     # ---- model and tokenised data
     tokenizer = load_tokenizer(base_model)
-    model = load_base_model(spec.student_kind, base_model, labels, runtime)
+    with quiet_loading():
+        model = load_base_model(spec.student_kind, base_model, labels, runtime)
+        student = add_lora(
+            model, lora_config(spec.student_kind, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules)
+        )
     position_limit = getattr(model.config, "max_position_embeddings", None) or spec.max_length_cap
-    student = add_lora(
-        model, lora_config(spec.student_kind, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules)
-    )
     target_modules = sorted(student.peft_config["default"].target_modules)
     codec = make_codec(spec.student_kind, tokenizer, labels, spec.prompt_template, spec.packing)
     max_length = spec.max_length or max(
@@ -245,12 +253,16 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
                 yield e, indices
             offset = 0
 
-    def validate() -> dict[str, float]:
+    def validation_scores() -> torch.Tensor:
         student.eval()
         scores = label_log_scores(
             codec, student, val_examples, len(labels.values), max_length, spec.batch_size, runtime
         )
         student.train()
+        return scores
+
+    def validate() -> dict[str, float]:
+        scores = validation_scores()
         truth = torch.tensor(val_targets)
         true_scores = scores[torch.arange(len(truth)), truth]
         # Loss per target, as in training: per row (encoder) or per answer token (decoder).
@@ -332,11 +344,24 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
     # ---- export: the adapter with the best validation loss, then (optionally) merged weights
     if best_weights is not None and state["best_step"] != state["step"]:
         set_peft_model_state_dict(student, best_weights)
+    decision = None
+    calibrated_accuracy = None
+    if spec.calibrate_threshold and spec.positive_label is not None and val_examples:
+        probabilities = torch.softmax(validation_scores(), dim=-1)
+        positive = labels.index_of(spec.positive_label)
+        threshold = choose_threshold(probabilities[:, positive].tolist(), [t == positive for t in val_targets])
+        decision = DecisionRule(spec.positive_label, threshold)
+        predicted = decide(labels, probabilities, decision)
+        calibrated_accuracy = sum(p == y for p, y in zip(predicted, val_raw_labels, strict=True)) / len(predicted)
+        log(
+            f"decision threshold {threshold:.3f} on P({labels.names[positive]}): "
+            f"validation accuracy {calibrated_accuracy:.4f} (argmax: {state['best_val_accuracy']})"
+        )
     adapter_tmp = output_dir / "adapter-tmp"
     shutil.rmtree(adapter_tmp, ignore_errors=True)
     student.save_pretrained(str(adapter_tmp))
     tokenizer.save_pretrained(str(adapter_tmp))
-    meta = student_metadata(spec.student_kind, spec.base_model, labels, max_length, spec.prompt_template)
+    meta = student_metadata(spec.student_kind, spec.base_model, labels, max_length, spec.prompt_template, decision)
     write_json_atomic(adapter_tmp / STUDENT_FILE, meta)
     publish_folder(adapter_tmp, output_dir / "adapter")
     merged_dir = None
@@ -366,6 +391,8 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
         train_tokens=state["tokens"],
         train_tokens_per_s=state["tokens"] / state["train_seconds"] if state["train_seconds"] else 0.0,
         device=str(runtime.device),
+        decision_threshold=decision.threshold if decision else None,
+        val_accuracy_calibrated=calibrated_accuracy,
     )
     write_json_atomic(output_dir / RESULT_FILE, asdict(result))
     # The run is complete; its checkpoints only served to resume it.
@@ -373,6 +400,14 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
         shutil.rmtree(path)
     log(f"adapter written to {result.adapter_dir} (best validation loss at step {result.best_step})")
     return result
+
+
+def quiet_progress_bars() -> None:
+    import datasets
+    from transformers.utils import logging as hf_logging
+
+    datasets.disable_progress_bars()
+    hf_logging.disable_progress_bar()
 
 
 def open_pipes():
@@ -407,6 +442,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", help="a TrainSpec JSON file (under Pipes it may come as the extra 'train_spec')")
     args = parser.parse_args(argv)
     pipes = open_pipes()
+    if pipes is not None or not sys.stdout.isatty():
+        # Progress bars drawn into a run log or a file are noise; the step lines say the same.
+        quiet_progress_bars()
     if pipes is None:
         if args.spec is None:
             parser.error("--spec is required")

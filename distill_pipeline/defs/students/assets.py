@@ -135,6 +135,14 @@ def lora_adapter(
             "steps": result["steps"],
             "max_length": result["max_length"],
             "train_tokens_per_s": float(result["train_tokens_per_s"]),
+            **(
+                {
+                    "decision_threshold": float(result["decision_threshold"]),
+                    "val_accuracy_calibrated": float(result["val_accuracy_calibrated"]),
+                }
+                if result.get("decision_threshold") is not None
+                else {}
+            ),
             "val_loss": float(val_loss) if finite else float("nan"),
             "val_accuracy": float(val_accuracy or 0.0),
             "training_curve": dg.MetadataValue.md(curve),
@@ -516,7 +524,8 @@ def champion(
                 check_name=CHAMPION_READABLE_CHECK,
                 passed=readable,
                 severity=dg.AssetCheckSeverity.ERROR,
-                description="; ".join(problems) or "current.json points at a complete adapter",
+                description="; ".join(problems)
+                or ("current.json points at a complete adapter" if now else "no champion yet: nothing to read"),
             ),
         ],
     )
@@ -557,11 +566,15 @@ def _champion_scores(
 
 
 def _champion_is_readable(store: ObjectStore) -> tuple[bool, list[str], dict[str, Any] | None]:
-    """Read current.json back as a server would, and check the adapter it names is complete."""
+    """Read current.json back as a server would, and check the adapter it names is complete.
+
+    With no champion yet there is nothing a server could misread: the promotion gate says why
+    none was promoted, and this check passes.
+    """
     try:
         current = json.loads(store.get_bytes(CHAMPION_CURRENT))
     except ObjectNotFound:
-        return False, ["no champion has been promoted yet"], None
+        return True, [], None
     except json.JSONDecodeError as exc:
         return False, [f"current.json is not JSON: {exc}"], None
     manifest = read_manifest(store, current.get("adapter_prefix", ""))
