@@ -101,6 +101,9 @@ class StudentConfig:
     eval_every_steps: int | None = 100
     checkpoint_every_steps: int | None = 100
     seed: int = 0
+    # Two-label tasks: label positive where P(positive) reaches the threshold that maximises
+    # accuracy on the validation rows, rather than where it passes 0.5.
+    calibrate_threshold: bool = True
     # Decoder only: how an input is shown to the student ("{input}" marks the place).
     prompt_template: str | None = None
 
