@@ -252,7 +252,8 @@ def test_code_location_loads_without_heavy_imports() -> None:
     ).stdout.splitlines()
     data_plane = ["curated_examples", "raw_logs", "teacher_labels", "teacher_logs", "test_sets", "train_sets"]
     students = ["ablation_report", "champion", "eval_report", "lora_adapter"]
-    assert output[0] == str(sorted(data_plane + students))
+    monitoring = ["drift_report"]
+    assert output[0] == str(sorted(data_plane + students + monitoring))
     assert output[1] == "[]"
 
 

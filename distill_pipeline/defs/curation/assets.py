@@ -7,6 +7,7 @@ import dagster as dg
 from distill_pipeline.curation import curate
 from distill_pipeline.defs.common import location, scratch_dir
 from distill_pipeline.defs.ingest.assets import teacher_labels
+from distill_pipeline.defs.monitoring.conditions import AFTER_ANY_UPSTREAM_UPDATE
 from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.layout import CURATED_PREFIX, TEACHER_LABELS_ROOT, teacher_labels_prefix
 from distill_pipeline.reporting import counts_table, markdown_table, parquet_length_histogram, parquet_sample_markdown
@@ -21,6 +22,7 @@ REMOVED_SAMPLE_PER_RULE = 3
     deps=[dg.AssetDep(teacher_labels, partition_mapping=dg.AllPartitionMapping())],
     group_name="curation",
     kinds={"duckdb", "parquet"},
+    automation_condition=AFTER_ANY_UPSTREAM_UPDATE,
     check_specs=[
         dg.AssetCheckSpec(
             MIN_ROWS_CHECK, asset="curated_examples", blocking=True, description="Enough examples survive curation."

@@ -7,6 +7,7 @@ import dagster as dg
 
 from distill_pipeline.defs.common import location, scratch_dir
 from distill_pipeline.defs.curation.assets import curated_examples
+from distill_pipeline.defs.monitoring.conditions import EAGER_BEHIND_CHECKS
 from distill_pipeline.defs.partitions import train_sizes
 from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.layout import CURATED_PREFIX, MANIFEST, TEST_SETS_CURRENT, test_sets_prefix, train_set_prefix
@@ -37,6 +38,7 @@ def current_test_sets(store: ObjectStore) -> dict | None:
     deps=[curated_examples],
     group_name="datasets",
     kinds={"duckdb", "parquet"},
+    automation_condition=EAGER_BEHIND_CHECKS,
     check_specs=[
         dg.AssetCheckSpec(
             TEST_SET_SIZES_CHECK,
@@ -141,6 +143,7 @@ def _test_sets_result(store: ObjectStore, manifest: dict, *, reused: bool) -> dg
     partitions_def=train_sizes,
     group_name="datasets",
     kinds={"duckdb", "parquet"},
+    automation_condition=EAGER_BEHIND_CHECKS,
     check_specs=[
         dg.AssetCheckSpec(
             NO_TEST_LEAKAGE_CHECK,
