@@ -17,6 +17,7 @@ from distill_pipeline.defs.curation.assets import curated_examples
 from distill_pipeline.defs.ingest.assets import raw_logs, teacher_labels, teacher_logs
 from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.defs.splits import assets as split_assets
+from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.layout import CURATED_PREFIX, TEST_SETS_CURRENT, raw_logs_prefix, train_set_prefix
 from distill_pipeline.simulator import simulate_traffic
 from distill_pipeline.store import LocalStore, ObjectStore, S3Store
@@ -55,7 +56,11 @@ def instance() -> Iterator[dg.DagsterInstance]:
 
 def _resources(store: ObjectStore, task: Task) -> dict[str, object]:
     endpoint = store.client.meta.endpoint_url if isinstance(store, S3Store) else None
-    return {"store": StoreResource(url=store.url, endpoint_url=endpoint), "task": TaskResource(name=str(task.source))}
+    return {
+        "store": StoreResource(url=store.url, endpoint_url=endpoint),
+        "task": TaskResource(name=str(task.source)),
+        "teacher": TeacherResource(),
+    }
 
 
 def _materialize(
