@@ -79,9 +79,11 @@ class TrainerPodClient(dg.PipesClient):
                     "name": TRAINER_CONTAINER,
                     "resources": json.loads(json.dumps(placement["container_config"]["resources"])),
                     "volumeMounts": [{"name": "work", "mountPath": self.work_dir}],
-                    "securityContext": {"runAsNonRoot": True, "allowPrivilegeEscalation": False},
+                    "securityContext": {"allowPrivilegeEscalation": False},
                 }
             ],
+            # The user of both images, so the trainer and the run read each other's files.
+            "securityContext": {"runAsNonRoot": True, "runAsUser": 10001, "fsGroup": 10001},
             "tolerations": json.loads(json.dumps(placement["pod_spec_config"]["tolerations"])),
             "volumes": [{"name": "work", "persistentVolumeClaim": {"claimName": self.work_claim}}],
         }
