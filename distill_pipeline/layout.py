@@ -58,6 +58,11 @@ def eval_report_prefix(size_key: str) -> str:
 
 
 ABLATION_PREFIX = f"{REPORTS}/ablation_report/"
+TEACHER_EVAL_PREFIX = f"{REPORTS}/teacher_eval/"
+#: Human labels for teacher evaluation: ``input``, ``gold_label`` and optionally ``test_set``.
+GOLD_LABELS = "gold/labels.parquet"
+#: Every paid teacher answer (see ledger.py); segments are JSONL, one per run and rotation.
+LEDGER_ROOT = "ledger/"
 CHAMPION_ROOT = "champion/"
 #: The promoted student, as a small JSON manifest a server reads; moves only on promotion.
 CHAMPION_CURRENT = f"{CHAMPION_ROOT}current.json"

@@ -35,9 +35,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from distill_pipeline.layout import LEDGER_ROOT
 from distill_pipeline.store import ObjectNotFound, ObjectStore
 
-LEDGER_SEGMENTS = "ledger/segments/"
+LEDGER_SEGMENTS = f"{LEDGER_ROOT}segments/"
 #: A segment is re-uploaded whole at each sync; starting a new one bounds what a sync rewrites.
 SEGMENT_MAX_ENTRIES = 5_000
 DEFAULT_SYNC_EVERY_S = 2.0

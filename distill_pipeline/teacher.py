@@ -64,17 +64,20 @@ class TeacherSpec:
 
     model: str
     prompt_id: str = "simple_prompt"
-    temperature: float = 0.0
+    # None: the provider's default (not sent), as logs without a recorded temperature had it.
+    temperature: float | None = 0.0
     max_tokens: int = 256
     fallback_model: str | None = None
 
     @property
     def params(self) -> dict[str, Any]:
-        return {"temperature": float(self.temperature), "max_tokens": int(self.max_tokens)}
+        temperature = None if self.temperature is None else float(self.temperature)
+        return {"temperature": temperature, "max_tokens": int(self.max_tokens)}
 
     @property
     def name(self) -> str:
-        return f"{self.model} / {self.prompt_id} / T={self.temperature:g}"
+        temperature = "default" if self.temperature is None else f"{self.temperature:g}"
+        return f"{self.model} / {self.prompt_id} / T={temperature}"
 
 
 @dataclass(frozen=True)

@@ -92,12 +92,14 @@ class TeacherResource(dg.ConfigurableResource):
         )
 
     @contextmanager
-    def client(self, store: ObjectStore, context: dg.AssetExecutionContext) -> Iterator[TeacherClient]:
+    def client(
+        self, store: ObjectStore, context: dg.AssetExecutionContext, *, budget_usd: float | None = None
+    ) -> Iterator[TeacherClient]:
         """A client over the store's ledger; the ledger is published when the block ends, even on error."""
         journal = Path(self.journal_dir).expanduser() if self.journal_dir else None
         ledger = Ledger.open(store, journal)
         try:
-            yield TeacherClient(self.settings(), ledger, progress=context.log.info)
+            yield TeacherClient(self.settings(budget_usd=budget_usd), ledger, progress=context.log.info)
         finally:
             ledger.close()
 

@@ -1,0 +1,117 @@
+"""Choosing the teacher: a leaderboard of teacher × prompt × temperature on gold-labelled test rows."""
+
+import json
+
+import dagster as dg
+from pydantic import Field
+
+from distill_pipeline.defs.common import location, scratch_dir
+from distill_pipeline.defs.resources import StoreResource, TaskResource
+from distill_pipeline.defs.splits.assets import TEST_SET_FILES, current_test_sets, test_sets
+from distill_pipeline.defs.teachers.labelling import totals_line, totals_metadata
+from distill_pipeline.defs.teachers.resources import TeacherResource
+from distill_pipeline.layout import GOLD_LABELS, TEACHER_EVAL_PREFIX
+from distill_pipeline.store import ObjectNotFound
+from distill_pipeline.tables import fetch_table, publish_table
+from distill_pipeline.teacher_eval import evaluate_teachers, grid, load_gold_sets
+
+
+class TeacherEvalConfig(dg.Config):
+    models: list[str] = Field(default_factory=list)
+    """Teachers to compare (litellm model strings); empty: the teacher resource's models."""
+
+    prompt_ids: list[str] = Field(default_factory=list)
+    """Prompt templates to compare; empty: every prompt of the task."""
+
+    temperatures: list[float] = Field(default_factory=lambda: [0.0])
+    gold_table: str = GOLD_LABELS
+    """Store key of the gold table: ``input`` and ``gold_label`` columns (Parquet, CSV or JSONL), and
+    optionally ``test_set``; without it, the rows of the frozen test sets the table labels."""
+
+    max_rows_per_set: int = 500
+    """A seeded sample of each test set, at most this many rows: every configuration pays for each."""
+
+    budget_usd: float | None = None
+    """The most this evaluation may spend on new calls; None: the teacher resource's budget."""
+
+    tolerance: float = 0.005
+    """A cheaper configuration within this much mean accuracy of the best is recommended instead."""
+
+
+@dg.asset(
+    deps=[test_sets],
+    group_name="teachers",
+    kinds={"python", "json"},
+)
+def teacher_eval(
+    context: dg.AssetExecutionContext,
+    config: TeacherEvalConfig,
+    store: StoreResource,
+    task: TaskResource,
+    teacher: TeacherResource,
+) -> dg.MaterializeResult:
+    """Teacher × prompt × temperature ranked on gold labels: accuracy per test set, parse failures, cost per 1,000."""
+    object_store = store.open()
+    loaded = task.load()
+    models = config.models or teacher.models
+    if not models:
+        raise dg.Failure("no teachers to evaluate: set models in the run config or on the teacher resource")
+    prompt_ids = config.prompt_ids or sorted(loaded.prompts)
+    specs = grid(models, prompt_ids, config.temperatures, teacher.max_tokens)
+    with scratch_dir(context) as scratch:
+        gold_path = scratch / ("gold" + "".join(config.gold_table.rpartition(".")[1:]))
+        try:
+            object_store.get_file(config.gold_table, gold_path)
+        except ObjectNotFound:
+            raise dg.Failure(
+                f"no gold table at {config.gold_table} in {object_store.url}: write one with columns input and "
+                "gold_label (and test_set, or let the frozen test sets choose the rows)"
+            ) from None
+        pointer = current_test_sets(object_store)
+        frozen = {}
+        if pointer is not None:
+            frozen = {
+                name.removesuffix(".parquet"): fetch_table(object_store, pointer["prefix"], name, scratch)
+                for name in TEST_SET_FILES
+            }
+        sets = load_gold_sets(
+            gold_path,
+            frozen,
+            loaded.label.values,
+            max_rows_per_set=config.max_rows_per_set,
+            seed=loaded.splits.seed,
+            workdir=scratch / "duckdb",
+        )
+        context.log.info(
+            f"{len(specs)} configurations on {', '.join(f'{s.name} ({len(s.inputs)} rows)' for s in sets)}"
+        )
+        with teacher.client(object_store, context, budget_usd=config.budget_usd) as client:
+            board = evaluate_teachers(client, specs, loaded, sets, config.tolerance)
+        context.log.info(totals_line(client.totals))
+        report = {
+            **board.to_json(),
+            "test_sets": {s.name: len(s.inputs) for s in sets},
+            "test_sets_version": pointer["version"] if pointer else None,
+            "gold_table": config.gold_table,
+            "totals": client.totals.as_dict(),
+        }
+        (scratch / "report.json").write_text(json.dumps(report, indent=2))
+        (scratch / "report.md").write_text("# Teacher evaluation\n\n" + board.markdown())
+        publish_table(
+            object_store,
+            TEACHER_EVAL_PREFIX,
+            {"report.json": scratch / "report.json", "report.md": scratch / "report.md"},
+            {"task": loaded.id, "configurations": len(specs)},
+        )
+    best = board.recommended
+    return dg.MaterializeResult(
+        metadata={
+            "leaderboard": dg.MetadataValue.md(board.markdown()),
+            "recommended": best.name if best else "none",
+            "recommended_mean_accuracy": float(best.mean_accuracy) if best else 0.0,
+            "configurations": len(specs),
+            **{f"rows_{s.name}": len(s.inputs) for s in sets},
+            **totals_metadata(client.totals),
+            "report": location(object_store, TEACHER_EVAL_PREFIX + "report.md"),
+        }
+    )
