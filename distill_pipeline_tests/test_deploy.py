@@ -251,8 +251,9 @@ def test_helm_values_kubernetes_parts_validate() -> None:
         "envFrom": [{"secretRef": ref} for ref in deployment["envSecrets"]],
         "volumeMounts": deployment["volumeMounts"],
         "securityContext": deployment["securityContext"],
-        "resources": deployment["resources"],
     }
+    # Runs inherit a deployment's resources; the run worker is sized by the run launcher instead.
+    assert "resources" not in deployment
     spec = {
         "containers": [container],
         "volumes": deployment["volumes"],
