@@ -93,19 +93,22 @@ def quiet_loading() -> Iterator[None]:
     """Loading a base under a new classifier head, then its adapter, without the expected noise.
 
     transformers reports the head's missing weights as a warning table on every load (the head
-    is new by design: training creates it, the adapter carries it), and PEFT reads a property
-    that transformers 5 deprecated. Real load errors still raise.
+    is new by design: training creates it, the adapter carries it) and draws a progress bar per
+    load, and PEFT reads a property that transformers 5 deprecated. Real load errors still raise.
     """
     from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
     try:
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
             yield
     finally:
         hf_logging.set_verbosity(verbosity)
+        if bars:
+            hf_logging.enable_progress_bar()
 
 
 def load_tokenizer(base_model: str):
