@@ -15,7 +15,9 @@ enforced by the server (a request over the limit in any 60-second window gets a 
 4. **re-run**: every input of phases 2 and 3 again, through a freshly opened ledger: the server
    must see zero requests.
 
-    python bench/bench_teacher.py                 # 10,000 inputs at 600/min: about 20 minutes
+"busiest 60 s" is the most requests the server received in any 60-second window of the phase.
+
+    python bench/bench_teacher.py                 # 10,000 inputs at 600/min: about 22 minutes
     python bench/bench_teacher.py --n 600 --storm-n 300 --storm-s 10      # about 2 minutes
 """
 
@@ -28,6 +30,7 @@ import random
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 
@@ -70,8 +73,52 @@ def make_inputs(n: int, seed: int, tag: str) -> list[str]:
     return [f"{tag}-{i}: " + " ".join(rng.choice(WORDS) for _ in range(rng.randint(8, 40))) for i in range(n)]
 
 
-def delta(after: dict, before: dict, name: str) -> int:
-    return int(after[name]) - int(before[name])
+@dataclass(frozen=True)
+class Phase:
+    """One phase as the server saw it (requests, 429s, paid duplicates, busiest minute) and the client."""
+
+    name: str
+    inputs: int
+    answered: int
+    requests: int
+    rate_limited: int
+    duplicate_paid: int
+    busiest_minute: int
+    seconds: float
+
+    @classmethod
+    def measure(
+        cls, name: str, url: str, before: dict, since: float, started: float, inputs: int, answered: int
+    ) -> Phase:
+        seconds = time.monotonic() - started
+        after = server_stats(url, since=since)
+        return cls(
+            name=name,
+            inputs=inputs,
+            answered=answered,
+            requests=after["requests"] - before["requests"],
+            rate_limited=after["by_status"].get("429", 0) - before["by_status"].get("429", 0),
+            duplicate_paid=after["duplicate_paid"] - before["duplicate_paid"],
+            busiest_minute=after["max_requests_per_60s"],
+            seconds=seconds,
+        )
+
+    @property
+    def lost(self) -> int:
+        return self.inputs - self.answered
+
+    @property
+    def rate(self) -> float:
+        return self.answered / self.seconds * 60 if self.seconds else 0.0
+
+    def row(self, limit: int) -> str:
+        paid = self.requests - self.rate_limited
+        share = f"{self.rate / limit:.1%}" if paid else ""
+        rate = f"{self.rate:,.0f}" if paid else ""
+        return (
+            f"| {self.name} | {self.inputs:,} | {self.requests:,} | {self.rate_limited:,} | {self.answered:,} | "
+            f"{self.lost:,} | {self.duplicate_paid:,} | {self.busiest_minute:,} | {self.seconds:.1f} | {rate} | {share} |"
+        )
 
 
 def main() -> None:
@@ -91,7 +138,7 @@ def main() -> None:
     task = load_task("toxicity")
     template = task.prompt("simple_prompt")
     spec = TeacherSpec(MODEL, "simple_prompt", 0.0, max_tokens=32)
-    rows: list[tuple[str, str]] = []
+    phases: list[Phase] = []
     with tempfile.TemporaryDirectory(prefix="bench-teacher-") as tmp:
         work = Path(tmp)
         store = LocalStore(work / "store")
@@ -100,10 +147,9 @@ def main() -> None:
             control(url, rpm_limit=args.rpm)
             api_base = url + "/v1"
 
-            # 1. naive sequential loop on a sample
+            # 1. a naive sequential loop on a sample, litellm's defaults (the OpenAI SDK's own retries)
             naive_inputs = make_inputs(args.naive_n, 1, "naive")
-            before = server_stats(url)
-            started = time.monotonic()
+            before, since, started = server_stats(url), time.time(), time.monotonic()
             naive_ok = 0
             for text in naive_inputs:
                 try:
@@ -112,61 +158,42 @@ def main() -> None:
                         temperature=0.0, max_tokens=32,
                     )  # fmt: skip
                     naive_ok += 1
-                except Exception:  # the naive loop has no error handling: a failure is a lost label
+                except Exception:  # the naive loop has no error handling of its own: a failure is a lost label
                     pass
-            naive_s = time.monotonic() - started
-            after = server_stats(url)
-            naive_requests = delta(after, before, "requests")
-            naive_429 = after["by_status"].get("429", 0) - before["by_status"].get("429", 0)
-            naive_rate = naive_ok / naive_s * 60
-            naive_full_min = args.n / min(naive_rate, float(args.rpm)) if naive_ok else float("inf")
+            phases.append(
+                Phase.measure("naive sequential loop (sample)", url, before, since, started, args.naive_n, naive_ok)
+            )
             # Let the naive loop's requests leave the server's 60-second window before the pipeline starts.
-            time.sleep(min(60.0, naive_s) + 1.0)
+            time.sleep(61.0)
 
-            # 2. pipeline throughput
             settings = ClientSettings(
                 api_base=api_base, api_key="sk-bench", rpm=args.rpm, max_concurrency=args.concurrency
             )
-            inputs = make_inputs(args.n, 2, "main")
-            before = server_stats(url)
-            ledger = Ledger.open(store, journal)
-            client = TeacherClient(settings, ledger, progress=lambda m: print(m, flush=True))
-            started = time.monotonic()
-            answers = client.label(spec, template, inputs)
-            main_s = time.monotonic() - started
-            ledger.close()
-            after = server_stats(url)
-            main_lost = sum(1 for a in answers if a.response is None)
-            main_rate = (args.n - main_lost) / main_s * 60
-            main_totals = client.totals
 
-            # 3. the storm
-            storm_inputs = make_inputs(args.storm_n, 3, "storm")
+            def pipeline(name: str, texts: list[str], storm: bool = False) -> tuple[Phase, TeacherClient]:
+                ledger = Ledger.open(store, journal)
+                client = TeacherClient(settings, ledger, progress=lambda m: print(m, flush=True))
+                if storm:
+                    control(url, storm={"duration_s": args.storm_s, "fraction": 0.5, "retry_after_s": 1.0})
+                before, since, started = server_stats(url), time.time(), time.monotonic()
+                answers = client.label(spec, template, texts)
+                ledger.close()
+                answered = sum(1 for a in answers if a.response is not None)
+                return Phase.measure(name, url, before, since, started, len(texts), answered), client
+
+            # 2. the pipeline at the limit, 3. through a storm of 429s, 4. everything again
+            inputs, storm_inputs = make_inputs(args.n, 2, "main"), make_inputs(args.storm_n, 3, "storm")
+            main, main_client = pipeline("pipeline", inputs)
+            phases.append(main)
             time.sleep(1.0)
-            storm_before = server_stats(url)
-            ledger = Ledger.open(store, journal)
-            client = TeacherClient(settings, ledger)
-            control(url, storm={"duration_s": args.storm_s, "fraction": 0.5, "retry_after_s": 1.0})
-            started = time.monotonic()
-            storm_answers = client.label(spec, template, storm_inputs)
-            storm_s = time.monotonic() - started
-            ledger.close()
-            storm_after = server_stats(url)
-            storm_lost = sum(1 for a in storm_answers if a.response is None)
-            storm_totals = client.totals
-
-            # 4. re-run of everything through a fresh ledger
-            rerun_before = server_stats(url)
-            ledger = Ledger.open(store, journal)
-            client = TeacherClient(settings, ledger)
-            started = time.monotonic()
-            rerun_answers = client.label(spec, template, inputs + storm_inputs)
-            rerun_s = time.monotonic() - started
-            ledger.close()
-            rerun_after = server_stats(url)
+            storm, storm_client = pipeline(f"pipeline, 429 storm ({args.storm_s:g} s)", storm_inputs, storm=True)
+            phases.append(storm)
+            rerun, rerun_client = pipeline("re-run (ledger reopened)", inputs + storm_inputs)
+            phases.append(rerun)
             final = server_stats(url)
 
-    rows += [
+    naive = phases[0]
+    rows = [
         ("machine", f"{platform.machine()}, {os.cpu_count()} CPUs, load {os.getloadavg()[0]:.1f}, {platform.system()}"),
         (
             "versions",
@@ -177,38 +204,28 @@ def main() -> None:
             "sizes",
             f"{args.n:,} inputs, naive sample {args.naive_n:,}, storm {args.storm_n:,} inputs / {args.storm_s:g} s",
         ),
-        ("limit / latency", f"{args.rpm}/min enforced by the server, {args.latency_ms:g} ms per answer"),
+        ("limit / latency", f"{args.rpm}/min enforced by the server (429 above it), {args.latency_ms:g} ms per answer"),
     ]
     table = [
-        "| phase | inputs | requests | 429s | answered | lost | duplicate paid | seconds | answers/min | share of limit |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
-        f"| naive sequential loop (sample) | {args.naive_n:,} | {naive_requests:,} | {naive_429:,} | {naive_ok:,} | {args.naive_n - naive_ok:,} | | {naive_s:.1f} | {naive_rate:,.0f} | "
-        f"{naive_rate / args.rpm:.1%} |",
-        f"| pipeline | {args.n:,} | {main_totals.calls:,} | {main_totals.rate_limited:,} | {args.n - main_lost:,} | "
-        f"{main_lost:,} | {delta(after, before, 'duplicate_paid'):,} | {main_s:.1f} | {main_rate:,.0f} | "
-        f"{main_rate / args.rpm:.1%} |",
-        f"| pipeline, 429 storm | {args.storm_n:,} | {storm_totals.calls:,} | {storm_totals.rate_limited:,} | "
-        f"{args.storm_n - storm_lost:,} | {storm_lost:,} | "
-        f"{delta(storm_after, storm_before, 'duplicate_paid'):,} | {storm_s:.1f} | "
-        f"{(args.storm_n - storm_lost) / storm_s * 60:,.0f} | {(args.storm_n - storm_lost) / storm_s * 60 / args.rpm:.1%} |",
-        f"| re-run (fresh ledger) | {args.n + args.storm_n:,} | {delta(rerun_after, rerun_before, 'requests'):,} | 0 | "
-        f"{sum(1 for a in rerun_answers if a.response is not None):,} | "
-        f"{sum(1 for a in rerun_answers if a.response is None):,} | 0 | {rerun_s:.1f} | | |",
+        "| phase | inputs | requests | 429s | answered | lost | duplicate paid | busiest 60 s | seconds | answers/min "
+        "| share of limit |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        *(phase.row(args.rpm) for phase in phases),
     ]
+    naive_minutes = args.n / naive.rate if naive.rate else float("inf")
     notes = [
         "",
-        f"- naive loop extrapolated to {args.n:,} inputs: {naive_full_min:,.1f} minutes at its measured rate "
-        f"(capped at the limit; above it the provider answers 429 and this loop, which has no retry of its own, "
-        f"loses labels); pipeline: {main_s / 60:,.1f} minutes measured.",
-        f"- pipeline vs naive: {main_rate / naive_rate:.2f}x the naive loop's answers per minute."
-        if naive_rate
-        else "- naive loop answered nothing",
-        f"- most requests the server saw in any 60 s window over the whole run: {final['max_requests_per_60s']:,} "
-        f"(limit {args.rpm}); server totals: {final['by_status']}, duplicate paid answers {final['duplicate_paid']}.",
-        f"- storm: {storm_totals.retries:,} retries, {storm_totals.rate_limited:,} 429s answered, every input labelled "
-        f"once: {storm_lost == 0 and delta(storm_after, storm_before, 'duplicate_paid') == 0}.",
-        f"- cost of the pipeline phase ({MODEL}, litellm's price map): ${main_totals.cost_usd:.4f} for "
-        f"{main_totals.prompt_tokens:,} prompt + {main_totals.completion_tokens:,} completion tokens.",
+        f"- naive loop extrapolated to {args.n:,} inputs at its measured rate: {naive_minutes:,.1f} minutes, "
+        f"{naive.lost / naive.inputs:.1%} of labels lost; pipeline measured: {main.seconds / 60:,.1f} minutes, "
+        f"{main.rate / naive.rate:.2f}x the naive loop's answers per minute."
+        if naive.rate
+        else "- the naive loop answered nothing",
+        f"- storm: {storm_client.totals.retries:,} retries after {storm_client.totals.rate_limited:,} 429s; "
+        f"lost {storm.lost}, duplicate paid {storm.duplicate_paid}.",
+        f"- re-run: {rerun.requests} requests, {rerun_client.totals.cache_hits:,} answers from the ledger.",
+        f"- server totals: {final['by_status']}, duplicate paid answers {final['duplicate_paid']}.",
+        f"- cost of the pipeline phase ({MODEL}, litellm's price map): ${main_client.totals.cost_usd:.4f} for "
+        f"{main_client.totals.prompt_tokens:,} prompt + {main_client.totals.completion_tokens:,} completion tokens.",
         f"- command: python bench/bench_teacher.py {' '.join(sys.argv[1:])}".rstrip(),
     ]
     text = "\n".join([*(f"- {k}: {v}" for k, v in rows), "", *table, *notes]) + "\n"

@@ -10,13 +10,13 @@ summary says how each teacher did against the majority.
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import pyarrow as pa
 
 from distill_pipeline.parsing import ParseResult, parse_responses
-from distill_pipeline.task import Task
+from distill_pipeline.task import PromptTemplate, Task
 from distill_pipeline.teacher import Answer, RunTotals, TeacherClient, TeacherSpec
 from distill_pipeline.voting import majority_vote
 
@@ -57,8 +57,23 @@ def _reason(answers: Sequence[Answer], parsed: Sequence[ParseResult], specs: Seq
     return "provider error: " + "; ".join(errors)[:300]
 
 
-def ask_teachers(client: TeacherClient, specs: Sequence[TeacherSpec], task: Task, inputs: Sequence[str]) -> Verdicts:
-    """Every teacher's answer to every input, parsed and voted into one verdict per input."""
+Labeller = Callable[[TeacherSpec, PromptTemplate, Sequence[str]], list[Answer]]
+
+
+def ask_teachers(
+    client: TeacherClient,
+    specs: Sequence[TeacherSpec],
+    task: Task,
+    inputs: Sequence[str],
+    *,
+    labeller: Labeller | None = None,
+) -> Verdicts:
+    """Every teacher's answer to every input, parsed and voted into one verdict per input.
+
+    ``labeller`` answers one teacher's inputs (default: ``client.label``, one chat call each; a
+    :class:`~distill_pipeline.batch.BatchLabeller`'s ``label`` goes through the batch API).
+    """
+    label = labeller or client.label
     if not specs:
         raise ValueError("no teachers configured: name at least one litellm model")
     answers: list[list[Answer]] = []
@@ -67,7 +82,7 @@ def ask_teachers(client: TeacherClient, specs: Sequence[TeacherSpec], task: Task
     for spec in specs:
         template = task.prompt(spec.prompt_id)
         before = RunTotals(**client.totals.as_dict())
-        teacher_answers = client.label(spec, template, inputs)
+        teacher_answers = label(spec, template, inputs)
         answers.append(teacher_answers)
         parsed.append(parse_responses([a.response for a in teacher_answers], task.label))
         spent = RunTotals(**client.totals.as_dict())

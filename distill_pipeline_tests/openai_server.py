@@ -272,6 +272,10 @@ class TeacherServer:
             request_counts={"total": len(out), "completed": len(out), "failed": 0},
         )
 
+    async def list_batches(self, request: web.Request) -> web.Response:
+        data = [self._batch_object(batch_id) for batch_id in reversed(list(self.batches))]
+        return web.json_response({"object": "list", "data": data, "has_more": False})
+
     async def get_batch(self, request: web.Request) -> web.Response:
         batch_id = request.match_info["batch_id"]
         if batch_id not in self.batches:
@@ -282,7 +286,7 @@ class TeacherServer:
         body = await request.json()
         if body.get("reset"):
             # Back to a well-behaved server with no history: each test starts from here.
-            self.faults, self.stats, self.script = Faults(), Stats(), {}
+            self.faults, self.stats, self.script, self.batches = Faults(), Stats(), {}, {}
         faults = self.faults
         now = time.time()
         if "latency_ms" in body:
@@ -302,6 +306,9 @@ class TeacherServer:
             faults.missing_models = frozenset(body["missing_models"])
         if "batch_delay_s" in body:
             faults.batch_delay_s = float(body["batch_delay_s"])
+            # Batches already running take the new delay too (a provider speeding up, or a test moving on).
+            for batch in self.batches.values():
+                batch["ready_at"] = min(batch["ready_at"], now + faults.batch_delay_s)
         if "script" in body:
             for entry in body["script"]:
                 self.script[(entry.get("model", "*"), entry["content"])] = entry["response"]
@@ -310,7 +317,14 @@ class TeacherServer:
         return web.json_response({"ok": True})
 
     async def stats_handler(self, request: web.Request) -> web.Response:
-        return web.json_response(self.stats.as_json())
+        stats = self.stats.as_json()
+        stats["batches"] = len(self.batches)
+        if "since" in request.query:
+            # The busiest 60-second window of one phase of a run, not of everything before it.
+            since = float(request.query["since"])
+            arrivals = self.stats.arrivals[bisect.bisect_left(self.stats.arrivals, since) :]
+            stats["max_requests_per_60s"] = _max_in_window(arrivals, 60.0)
+        return web.json_response(stats)
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=256 * 1024 * 1024)
@@ -322,6 +336,7 @@ class TeacherServer:
                 web.get("/v1/files/{file_id}", self.get_file),
                 web.get("/v1/files/{file_id}/content", self.file_content),
                 web.post("/v1/batches", self.create_batch),
+                web.get("/v1/batches", self.list_batches),
                 web.get("/v1/batches/{batch_id}", self.get_batch),
                 web.post("/_control", self.control),
                 web.get("/_stats", self.stats_handler),
@@ -409,8 +424,10 @@ def control(url: str, **settings: Any) -> None:
         response.read()
 
 
-def server_stats(url: str) -> dict[str, Any]:
-    with urllib.request.urlopen(url + "/_stats", timeout=10.0) as response:
+def server_stats(url: str, since: float | None = None) -> dict[str, Any]:
+    """What the server saw; ``since`` (a Unix time) limits the busiest-window count to later arrivals."""
+    query = "" if since is None else f"?since={since}"
+    with urllib.request.urlopen(url + "/_stats" + query, timeout=10.0) as response:
         return json.loads(response.read())
 
 

@@ -20,7 +20,9 @@ from distill_pipeline_tests.openai_server import control, server_stats
 
 DAY = "2026-03-05"
 ASSETS = [teacher_logs, raw_logs, teacher_labels]
-PRICES = {name: TeacherPrice(input_per_mtok=2.0, output_per_mtok=8.0) for name in ("teacher-a", "teacher-b", "teacher-c")}
+PRICES = {
+    name: TeacherPrice(input_per_mtok=2.0, output_per_mtok=8.0) for name in ("teacher-a", "teacher-b", "teacher-c")
+}
 
 
 @pytest.fixture
@@ -166,3 +168,21 @@ def test_budget_stops_the_run_and_keeps_what_was_paid(teacher_url, tmp_path, ins
     result = materialize(store, instance, more, "teacher_labels")
     assert result.success and metadata(result)["teacher_cache_hits"] == paid
     assert server_stats(teacher_url)["paid"] == 20 and server_stats(teacher_url)["duplicate_paid"] == 0
+
+
+def test_relabel_through_the_batch_api(teacher_url, tmp_path, instance):
+    store = LocalStore(tmp_path / "store")
+    texts = comments(6)
+    write_day(store, [LogRecord(t, "openai/gpt-3.5", "simple_prompt", '{"is_bad": 0}') for t in texts])
+    control(teacher_url, batch_delay_s=0.2)
+    resource = teacher(teacher_url, tmp_path, models=["openai/teacher-a"], batch=True, batch_poll_s=0.1)
+    assert materialize(store, instance, resource, "raw_logs").success
+    result = materialize(store, instance, resource, "teacher_labels")
+    assert result.success
+    meta = metadata(result)
+    assert meta["teacher_calls"] == 6 and meta["labelled"] == 6
+    stats = server_stats(teacher_url)
+    assert stats["requests"] == 0 and stats["batches"] == 1 and stats["batch_lines"] == 6
+    # The batch price: half of the configured $2 / $8 per million tokens.
+    tokens_cost = (meta["teacher_prompt_tokens"] * 2.0 + meta["teacher_completion_tokens"] * 8.0) / 1e6
+    assert meta["teacher_cost_usd"] == pytest.approx(tokens_cost / 2)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import dagster as dg
 
+from distill_pipeline.batch import BatchLabeller
 from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.labels import inputs_for_teachers
 from distill_pipeline.relabel import Verdicts, ask_teachers
@@ -33,7 +34,16 @@ def teacher_verdicts(
     inputs = inputs_for_teachers(records, task, scratch / "duckdb-inputs", teacher.mode)
     context.log.info(f"{len(inputs):,} distinct inputs for {len(specs)} teacher(s): {[s.name for s in specs]}")
     with teacher.client(store, context) as client:
-        verdicts = ask_teachers(client, specs, task, inputs)
+        labeller = None
+        if teacher.batch:
+            labeller = BatchLabeller(
+                client,
+                store,
+                poll_every_s=teacher.batch_poll_s,
+                timeout_s=teacher.batch_timeout_s,
+                discount=teacher.batch_discount,
+            ).label
+        verdicts = ask_teachers(client, specs, task, inputs, labeller=labeller)
     context.log.info(totals_line(verdicts.totals))
     return verdicts
 

@@ -68,6 +68,15 @@ class TeacherResource(dg.ConfigurableResource):
     prices: dict[str, TeacherPrice] = Field(default_factory=dict)
     """Prices of models litellm does not know, by model string."""
 
+    batch: bool = False
+    """Relabel through the provider's batch API (OpenAI-style files + batches: about half the price,
+    answers within a day); the run polls until the batch ends and resumes the same batch if restarted."""
+
+    batch_poll_s: float = 60.0
+    batch_timeout_s: float = 26 * 3600.0
+    batch_discount: float = 0.5
+    """Batch price as a share of the per-call price."""
+
     journal_dir: str | None = None
     """Local journal of the ledger (``$DISTILL_LEDGER_JOURNAL``, else under the temp dir); on
     Kubernetes, a volume, so a killed pod's last answers are not paid for again."""
