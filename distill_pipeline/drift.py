@@ -558,18 +558,19 @@ def signal_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
     from distill_pipeline.reporting import LineSeries, line_plot_markdown
 
     days = [h["day"] for h in history]
+    x = _day_offsets(days)
     series = []
     colours = ("#4f6bed", "#e8793a", "#2a9d8f", "#c0392b", "#8e44ad")
     for name, colour in zip(SIGNALS, colours, strict=True):
         points = [
-            (i, s["value"] / s["threshold"])
+            (x[i], s["value"] / s["threshold"])
             for i, h in enumerate(history)
             for s in h.get("signals", [])
             if s["name"] == name and s["value"] is not None and s["threshold"]
         ]
         if points:
             series.append(LineSeries(name, [p[0] for p in points], [p[1] for p in points], "o-", colour))
-    series.append(LineSeries("threshold", [0, max(len(days) - 1, 1)], [1.0, 1.0], "--", "black"))
+    series.append(LineSeries("threshold", [0, max(x[-1] if x else 0, 1)], [1.0, 1.0], "--", "black"))
     return line_plot_markdown(
         series, title="Drift signals over time", xlabel=_day_axis(days), ylabel="value / threshold"
     )
@@ -580,10 +581,11 @@ def feedback_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
     from distill_pipeline.reporting import LineSeries, line_plot_markdown
 
     days = [h["day"] for h in history]
+    x = _day_offsets(days)
     per_model: dict[str, list[tuple[int, float, float]]] = {}
     for i, h in enumerate(history):
         for rates in h.get("feedback", []):
-            per_model.setdefault(rates["model"], []).append((i, rates["thumbs_down_rate"], rates["regenerate_rate"]))
+            per_model.setdefault(rates["model"], []).append((x[i], rates["thumbs_down_rate"], rates["regenerate_rate"]))
     series = []
     for model, points in sorted(per_model.items()):
         series.append(LineSeries(f"{model} thumbs down", [p[0] for p in points], [p[1] for p in points], "o-"))
@@ -593,5 +595,15 @@ def feedback_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
     return line_plot_markdown(series, title="User feedback over time", xlabel=_day_axis(days), ylabel="share of calls")
 
 
+def _day_offsets(days: Sequence[str]) -> list[int]:
+    """Days since the first one, so that gaps between reported days show as gaps."""
+    import datetime as dt
+
+    if not days:
+        return []
+    first = dt.date.fromisoformat(days[0])
+    return [(dt.date.fromisoformat(day) - first).days for day in days]
+
+
 def _day_axis(days: Sequence[str]) -> str:
-    return f"day ({days[0]} .. {days[-1]})" if days else "day"
+    return f"days since {days[0]} (to {days[-1]})" if days else "day"
