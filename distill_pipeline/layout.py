@@ -59,6 +59,8 @@ def eval_report_prefix(size_key: str) -> str:
 
 ABLATION_PREFIX = f"{REPORTS}/ablation_report/"
 TEACHER_EVAL_PREFIX = f"{REPORTS}/teacher_eval/"
+#: Teacher-written inputs (synthetic_examples), kept apart from the logged ones.
+SYNTHETIC_PREFIX = f"{TABLES}/synthetic_examples/"
 #: Human labels for teacher evaluation: ``input``, ``gold_label`` and optionally ``test_set``.
 GOLD_LABELS = "gold/labels.parquet"
 #: Every paid teacher answer (see ledger.py); segments are JSONL, one per run and rotation.

@@ -152,6 +152,23 @@ class MonitoringConfig:
 
 
 @dataclass(frozen=True)
+class SyntheticConfig:
+    """Self-Instruct style bootstrap: a teacher rewrites seed inputs, each rewrite is then labelled.
+
+    ``prompt`` asks for one rewrite of an input (its placeholder) in one of ``variations`` (the
+    text ``{variation}`` in the prompt marks where). A rewrite whose word set is at least
+    ``max_similarity`` (Jaccard) like its seed or another rewrite of that seed is dropped.
+    """
+
+    prompt: PromptTemplate | None = None
+    variations: tuple[str, ...] = ()
+    rewrites_per_seed: int = 3
+    max_similarity: float = 0.6
+    temperature: float = 0.9
+    max_tokens: int = 400
+
+
+@dataclass(frozen=True)
 class Task:
     id: str
     description: str
@@ -162,6 +179,7 @@ class Task:
     checks: CheckConfig
     source: Path
     student: StudentConfig = field(default_factory=StudentConfig)
+    synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
     def prompt(self, prompt_id: str) -> PromptTemplate:
@@ -217,6 +235,18 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
         splits = dict(raw.get("splits", {}))
         if "train_sizes" in splits:
             splits["train_sizes"] = tuple(str(s) for s in splits["train_sizes"])
+        synthetic = dict(raw.get("synthetic", {}))
+        if "prompt" in synthetic:
+            entry = synthetic.pop("prompt")
+            text = (folder / entry["file"]).read_text()
+            placeholder = entry.get("placeholder", "%s")
+            if placeholder not in text or "{variation}" not in text:
+                raise TaskConfigError(f"synthetic prompt lacks its placeholder {placeholder!r} or {{variation}}")
+            synthetic["prompt"] = PromptTemplate(
+                entry.get("id", "rewrite_prompt"), str(entry.get("version", "1")), text, placeholder
+            )
+        if "variations" in synthetic:
+            synthetic["variations"] = tuple(str(v) for v in synthetic["variations"])
         student = dict(raw.get("student", {}))
         if "target_modules" in student:
             student["target_modules"] = tuple(str(m) for m in student["target_modules"])
@@ -230,6 +260,7 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
             checks=CheckConfig(**raw.get("checks", {})),
             source=folder,
             student=StudentConfig(**student),
+            synthetic=SyntheticConfig(**synthetic),
             monitoring=MonitoringConfig(**raw.get("monitoring", {})),
         )
     except (KeyError, TypeError) as exc:

@@ -3,16 +3,23 @@
 import json
 
 import dagster as dg
+import duckdb
+import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import Field
 
 from distill_pipeline.defs.common import location, scratch_dir
+from distill_pipeline.defs.curation.assets import curated_examples
 from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.defs.splits.assets import TEST_SET_FILES, current_test_sets, test_sets
 from distill_pipeline.defs.teachers.labelling import totals_line, totals_metadata
 from distill_pipeline.defs.teachers.resources import TeacherResource
-from distill_pipeline.layout import GOLD_LABELS, TEACHER_EVAL_PREFIX
+from distill_pipeline.layout import CURATED_PREFIX, GOLD_LABELS, SYNTHETIC_PREFIX, TEACHER_EVAL_PREFIX
+from distill_pipeline.reporting import counts_table, markdown_table
 from distill_pipeline.store import ObjectNotFound
+from distill_pipeline.synthetic import Seed, distinct_bigram_ratio, make_synthetic_examples
 from distill_pipeline.tables import fetch_table, publish_table
+from distill_pipeline.teacher import TeacherSpec
 from distill_pipeline.teacher_eval import evaluate_teachers, grid, load_gold_sets
 
 
@@ -115,3 +122,99 @@ def teacher_eval(
             "report": location(object_store, TEACHER_EVAL_PREFIX + "report.md"),
         }
     )
+
+
+class SyntheticExamplesConfig(dg.Config):
+    seeds: int = 100
+    """Curated examples to rewrite: a seeded sample, split evenly across the labels."""
+
+    rewriter: str | None = None
+    """The model that writes the rewrites; None: the teacher resource's first model."""
+
+    labeller: str | None = None
+    """The model that labels them (with the teacher resource's prompt); None: the first model."""
+
+    budget_usd: float | None = None
+
+
+SYNTHETIC_COLUMNS = (
+    "request_id", "seed_request_id", "variation", "input", "label", "parse_method", "model",
+    "prompt_template_id", "rewritten_by",
+)  # fmt: skip
+
+
+@dg.asset(
+    deps=[curated_examples],
+    group_name="teachers",
+    kinds={"duckdb", "parquet"},
+)
+def synthetic_examples(
+    context: dg.AssetExecutionContext,
+    config: SyntheticExamplesConfig,
+    store: StoreResource,
+    task: TaskResource,
+    teacher: TeacherResource,
+) -> dg.MaterializeResult:
+    """Teacher rewrites of curated seeds (Self-Instruct style), near duplicates dropped, labelled by the teacher."""
+    object_store = store.open()
+    loaded = task.load()
+    first = teacher.models[0] if teacher.models else None
+    rewriter_model, labeller_model = config.rewriter or first, config.labeller or first
+    if rewriter_model is None or labeller_model is None:
+        raise dg.Failure("no teacher to write and label synthetic examples: set the teacher resource's models")
+    synthetic = loaded.synthetic
+    rewriter = TeacherSpec(rewriter_model, "rewrite", synthetic.temperature, synthetic.max_tokens)
+    labeller = TeacherSpec(labeller_model, teacher.prompt_id, teacher.temperature, teacher.max_tokens)
+    with scratch_dir(context) as scratch:
+        curated = fetch_table(object_store, CURATED_PREFIX, "examples.parquet", scratch)
+        per_label = max(1, config.seeds // len(loaded.label.values))
+        rows = duckdb.sql(
+            f"SELECT request_id, input FROM (SELECT *, row_number() OVER (PARTITION BY label "
+            f"ORDER BY hash(request_id || '{loaded.splits.seed}')) AS n FROM read_parquet('{curated}')) "
+            f"WHERE n <= {per_label} ORDER BY request_id"
+        ).fetchall()
+        seeds = [Seed(str(r[0]), str(r[1])) for r in rows]
+        with teacher.client(object_store, context, budget_usd=config.budget_usd) as client:
+            result = make_synthetic_examples(client, rewriter, labeller, loaded, seeds)
+        context.log.info(totals_line(client.totals))
+        kept = pa.Table.from_pylist(result.kept, schema=_synthetic_schema()).select(list(SYNTHETIC_COLUMNS))
+        removed = pa.Table.from_pylist(
+            result.removed,
+            schema=pa.schema([(n, pa.string()) for n in ("seed_request_id", "variation", "input", "reason")]),
+        )
+        pq.write_table(kept, scratch / "examples.parquet")
+        pq.write_table(removed, scratch / "removed.parquet")
+        publish_table(
+            object_store,
+            SYNTHETIC_PREFIX,
+            {"examples.parquet": scratch / "examples.parquet", "removed.parquet": scratch / "removed.parquet"},
+            {"task": loaded.id, "seeds": len(seeds), "kept": kept.num_rows, "removed": result.removed_by_reason},
+        )
+    texts = [row["input"] for row in result.kept]
+    labels: dict[str, int] = {}
+    for row in result.kept:
+        name = loaded.label.name_of(row["label"])
+        labels[name] = labels.get(name, 0) + 1
+    sample = [[r["variation"], r["label"], r["input"]] for r in result.kept[:10]]
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": len(result.kept),
+            "seeds": len(seeds),
+            "candidates": len(result.kept) + len(result.removed),
+            "kept": len(result.kept),
+            "removed": len(result.removed),
+            "distinct_bigram_ratio": float(distinct_bigram_ratio(texts)),
+            "removal_reasons": dg.MetadataValue.md(
+                counts_table(result.removed_by_reason, "reason") if result.removed else "_none_"
+            ),
+            "label_distribution": dg.MetadataValue.md(counts_table(labels, loaded.label.field) if labels else "_none_"),
+            "sample": dg.MetadataValue.md(markdown_table(sample, ["variation", "label", "input"])),
+            **totals_metadata(client.totals),
+            "table": location(object_store, SYNTHETIC_PREFIX + "examples.parquet"),
+        }
+    )
+
+
+def _synthetic_schema() -> pa.Schema:
+    types = {"label": pa.int64()}
+    return pa.schema([(name, types.get(name, pa.string())) for name in SYNTHETIC_COLUMNS])
