@@ -172,7 +172,17 @@ def recommend(
 
 
 def rank(scores: Sequence[ConfigScore], tolerance: float = DEFAULT_TOLERANCE) -> Leaderboard:
-    ordered = sorted(scores, key=lambda s: (-s.mean_accuracy, s.parse_failure_rate, s.cost_per_1000 or 0.0))
+    # Configurations scored on more test sets rank first: a mean over fewer (smaller) sets is not
+    # the same number, and a perfect score on a handful of rows should not top the board.
+    ordered = sorted(
+        scores,
+        key=lambda s: (
+            -sum(1 for x in s.sets.values() if x.rows),
+            -s.mean_accuracy,
+            s.parse_failure_rate,
+            s.cost_per_1000 or 0.0,
+        ),
+    )
     names = sorted({name for s in scores for name in s.sets})
     chosen, reason = recommend(ordered, names, tolerance)
     return Leaderboard(ordered, chosen, reason, names)

@@ -56,8 +56,8 @@ def test_a_cheaper_configuration_within_tolerance_is_recommended():
 def test_only_configurations_scored_on_every_set_are_recommended():
     partial = ConfigScore("tiny", "simple_prompt", None, {"balanced": SetScore(20, 20, 20, 0)}, 0.01, 20)
     board = rank([partial, config("full", 90, 90, 1.0)])
-    assert board.scores[0].model == "tiny" and board.recommended.model == "full"
-    assert "| 1 | tiny / simple_prompt / T=default | 100.0% (20) | — |" in board.markdown()
+    assert [s.model for s in board.scores] == ["full", "tiny"] and board.recommended.model == "full"
+    assert "| 2 | tiny / simple_prompt / T=default | 100.0% (20) | — |" in board.markdown()
 
 
 def test_gold_sets_from_a_table_with_its_own_sets(tmp_path: Path):
