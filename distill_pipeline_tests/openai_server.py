@@ -46,6 +46,8 @@ from typing import Any
 
 from aiohttp import web
 
+#: The one API key the server refuses (401), for tests of credential errors.
+INVALID_KEY = "sk-invalid-key"
 # Words that make the default rule answer "toxic": enough for tests to know the right label.
 TOXIC_WORDS = frozenset({"idiot", "stupid", "hate", "moron", "dumb", "kill", "loser", "ugly", "shut"})
 _WORDS = re.compile(r"[a-z']+")
@@ -173,6 +175,9 @@ class TeacherServer:
         except json.JSONDecodeError:
             self.stats.by_status[400] += 1
             return _error(400, "body is not JSON", "invalid_request_error")
+        if request.headers.get("Authorization") == f"Bearer {INVALID_KEY}":
+            self.stats.by_status[401] += 1
+            return _error(401, "Incorrect API key provided", "invalid_api_key")
         fault = self._fault(now, str(body.get("model", "")))
         if fault is not None:
             self.stats.by_status[fault.status] += 1

@@ -26,11 +26,12 @@ from distill_pipeline.teacher import (
     ClientSettings,
     Price,
     RequestPacer,
+    TeacherAuthError,
     TeacherClient,
     TeacherConfigError,
     TeacherSpec,
 )
-from distill_pipeline_tests.openai_server import control, default_answer, server_stats
+from distill_pipeline_tests.openai_server import INVALID_KEY, control, default_answer, server_stats
 
 MODEL = "openai/gpt-4o-mini"
 REPO = Path(__file__).resolve().parents[1]
@@ -153,6 +154,15 @@ def test_a_failed_input_is_reported_not_kept(teacher_url, tmp_path, task):
     assert all(a.response is None and "NotFoundError" in a.error for a in answers)
     assert client.totals.failed == 2 and len(client.ledger) == 0
     assert "sk-test" not in answers[0].error
+
+
+def test_a_refused_key_stops_the_run_without_showing_the_key(teacher_url, tmp_path, task):
+    client = client_for(teacher_url, tmp_path, api_key=INVALID_KEY, max_concurrency=1)
+    with pytest.raises(TeacherAuthError, match="refused the API key") as raised:
+        client.label(TeacherSpec(MODEL), task.prompt("simple_prompt"), inputs(5))
+    assert INVALID_KEY not in str(raised.value)
+    # The first refusal ends the run: no retries against a key that will not work.
+    assert server_stats(teacher_url)["requests"] == 1
 
 
 def test_budget_stops_before_overspending_and_keeps_what_was_paid(teacher_url, tmp_path, task):

@@ -86,7 +86,7 @@ def verdicts_metadata(verdicts: Verdicts, review: Path) -> dict[str, object]:
         for s in verdicts.teachers
     ]
     columns = ["teacher", "answered", "parse rate", "agrees with majority", "paid calls", "from ledger", "cost"]
-    review_rows = verdicts.table.num_rows - sum(1 for a in verdicts.table.column("t_agreement").to_pylist() if a == 1.0)
+    review_rows = sum(1 for a in verdicts.table.column("t_agreement").to_pylist() if a is not None and a < 1.0)
     return {
         **totals_metadata(verdicts.totals),
         "teachers": dg.MetadataValue.md(markdown_table(rows, columns)),

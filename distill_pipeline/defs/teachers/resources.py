@@ -12,16 +12,14 @@ import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Literal
 
 import dagster as dg
 from pydantic import Field
 
+from distill_pipeline.labels import LabelMode
 from distill_pipeline.ledger import Ledger
 from distill_pipeline.store import ObjectStore
 from distill_pipeline.teacher import ClientSettings, Price, TeacherClient, TeacherSpec
-
-LabelMode = Literal["logged", "relabel", "fill"]
 
 
 class TeacherPrice(dg.Config):
