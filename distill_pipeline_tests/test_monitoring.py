@@ -22,10 +22,11 @@ from distill_pipeline.defs.monitoring.schedules import redistill_schedule
 from distill_pipeline.defs.monitoring.sensors import drift_retraining_sensor, fresh_logs_sensor
 from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.defs.splits import assets as split_assets
-from distill_pipeline.layout import drift_report_prefix
+from distill_pipeline.defs.students.assets import lora_adapter
+from distill_pipeline.layout import CHAMPION_CURRENT, drift_report_prefix
 from distill_pipeline.simulator import TrafficProfile, simulate_traffic
 from distill_pipeline.store import LocalStore
-from distill_pipeline.students import read_report
+from distill_pipeline.students import current_adapter, read_report
 from distill_pipeline.task import BUILTIN_TASKS_DIR, Task, load_task
 
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
@@ -238,10 +239,16 @@ def test_redistill_schedule_targets_the_configured_size() -> None:
 
 
 @pytest.mark.slow
-def test_drift_report_detects_injected_drift_and_not_a_normal_day(
-    local_store: LocalStore, task: Task, instance: dg.DagsterInstance
+def test_drift_report_detects_injected_drift_and_shadow_evaluates_the_champion(
+    local_store: LocalStore, tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assets = [*DATA_ASSETS, drift_report]
+    # A student that trains in seconds: the shadow evaluation needs a champion, not a good one.
+    task = tiny_task(
+        tmp_path / "task",
+        **{"student.min_train_steps": "4", "student.max_length_cap": "16", "student.batch_size": "16"},
+    )
+    monkeypatch.setenv("DISTILL_WORK_DIR", str(tmp_path / "train"))
+    assets = [*DATA_ASSETS, drift_report, lora_adapter]
     for day, spanish in zip(DAYS, (0.0, 0.0, 0.5), strict=True):
         _simulate(local_store, task, day, spanish=spanish)
         assert _materialize(assets, ["raw_logs", "teacher_labels"], local_store, task, instance, day).success
@@ -268,4 +275,35 @@ def test_drift_report_detects_injected_drift_and_not_a_normal_day(
     assert shifted["signals_over_time"].startswith("![Drift signals over time](data:image/png;base64,")
     published = read_report(local_store, drift_report_prefix(DAYS[2]))
     assert published is not None and published["drifting"] is True
-    assert json.dumps(published)  # plain JSON, no pickled objects
+    assert published["shadow"] is None and "no champion yet: no shadow evaluation" in published["notes"]
+
+    # A champion trained on the normal days: the drifted day is compared with its training set
+    # and labelled by it in the shadow.
+    for asset, partition in (("test_sets", None), ("train_sets", "100pct"), ("lora_adapter", "100pct")):
+        assert _materialize(assets, [asset], local_store, task, instance, partition).success, asset
+    adapter = current_adapter(local_store, "100pct")
+    assert adapter is not None
+    champion = {
+        "adapter_prefix": adapter["prefix"],
+        "train_id": adapter["train_id"],
+        "train_size": "100pct",
+        "metrics": {"in_distribution": {"accuracy": 0.9, "agreement": 0.9}},
+    }
+    local_store.put_bytes(CHAMPION_CURRENT, json.dumps(champion).encode())
+    result = _materialize(assets, ["drift_report"], local_store, task, instance, DAYS[2])
+    assert result.success
+    (materialization,) = result.asset_materializations_for_node("drift_report")
+    metadata = {k: getattr(v, "value", v) for k, v in materialization.metadata.items()}
+    assert metadata["reference"] == "champion training set (100pct)"
+    shadow = read_report(local_store, drift_report_prefix(DAYS[2]))["shadow"]
+    assert shadow["champion_train_id"] == adapter["train_id"]
+    assert shadow["rows"] == task.monitoring.shadow_rows
+    assert 0.0 <= shadow["agreement"] <= 1.0 and shadow["reference_agreement"] == 0.9
+    assert metadata["shadow_agreement"] == shadow["agreement"]
+    assert drift.AGREEMENT_DROP in {s.name for s in drift.evaluate_signals(_as_report(shadow), task.monitoring)}
+
+
+def _as_report(shadow: dict) -> drift.DriftReport:
+    report = drift.DriftReport("day", 100, "reference", 100)
+    report.shadow = drift.ShadowEvaluation(**shadow)
+    return report
