@@ -366,7 +366,7 @@ def test_deployment_setting_chooses_the_training_client(monkeypatch: pytest.Monk
 
 
 def test_a_profile_client_reaches_the_training_asset_parameter() -> None:
-    """lora_adapter's parameter is typed as a subprocess client; Dagster hands it whichever client
+    """lora_adapter takes any Pipes client as a resource; Dagster hands it whichever client
     the resources hold, which is what lets the profile change without touching the asset."""
     calls: list[list[str]] = []
 
@@ -375,10 +375,10 @@ def test_a_profile_client_reaches_the_training_asset_parameter() -> None:
             calls.append(list(command))
 
     @dg.asset
-    def probe(context: dg.AssetExecutionContext, pipes_subprocess_client: dg.PipesSubprocessClient) -> None:
-        pipes_subprocess_client.run(context=context, command=["python", "-V"], env={})
+    def probe(context: dg.AssetExecutionContext, pipes_client: dg.ResourceParam[dg.PipesClient]) -> None:
+        pipes_client.run(context=context, command=["python", "-V"], env={})
 
-    assert dg.materialize([probe], resources={"pipes_subprocess_client": Recording()}).success
+    assert dg.materialize([probe], resources={"pipes_client": Recording()}).success
     assert calls == [["python", "-V"]]
 
 

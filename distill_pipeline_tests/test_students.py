@@ -46,7 +46,7 @@ def student_resources(store: LocalStore, task: Task, work_dir: Path) -> dict[str
     return {
         **_resources(store, task),
         "trainer": TrainerResource(work_dir=str(work_dir)),
-        "pipes_subprocess_client": dg.PipesSubprocessClient(),
+        "pipes_client": dg.PipesSubprocessClient(),
     }
 
 

@@ -92,7 +92,7 @@ def lora_adapter(
     store: StoreResource,
     task: TaskResource,
     trainer: TrainerResource,
-    pipes_subprocess_client: dg.PipesSubprocessClient,
+    pipes_client: dg.ResourceParam[dg.PipesClient],
 ) -> dg.MaterializeResult:
     """A LoRA student trained on the partition's training set (via Pipes, on a GPU if any), as a PEFT adapter."""
     object_store = store.open()
@@ -110,7 +110,7 @@ def lora_adapter(
         context.log.info(f"adapter {train} (same settings, same training data) is already published; reusing it")
     else:
         reported = _train_and_publish(
-            context, object_store, loaded, trainer, pipes_subprocess_client, size, train, prefix, train_manifest
+            context, object_store, loaded, trainer, pipes_client, size, train, prefix, train_manifest
         )
     # The pointer moves last: eval_report reads the partition's adapter through it.
     point_at_adapter(object_store, size, prefix, train)
@@ -171,7 +171,7 @@ def _train_and_publish(
     store: ObjectStore,
     loaded: Any,
     trainer: TrainerResource,
-    client: dg.PipesSubprocessClient,
+    client: dg.PipesClient,
     size: str,
     train: str,
     prefix: str,
@@ -184,8 +184,14 @@ def _train_and_publish(
     spec = build_train_spec(loaded, train_path, run_dir / "run", train_manifest["stats"]["rows"])
     spec_file = run_dir / "train_spec.json"
     spec_file.write_text(spec.to_json())
-    with claim_gpu(trainer.devices(), trainer.root() / "gpu-locks", timeout_s=trainer.gpu_wait_timeout_s) as device:
-        if device is None:
+    # A subprocess trains on this host, on one GPU it holds; a pod or task client (DISTILL_DEPLOYMENT
+    # k8s or ecs) gets a GPU of its own from its scheduler.
+    local = isinstance(client, dg.PipesSubprocessClient)
+    devices = trainer.devices() if local else []
+    with claim_gpu(devices, trainer.root() / "gpu-locks", timeout_s=trainer.gpu_wait_timeout_s) as device:
+        if not local:
+            context.log.info(f"training on a GPU of its own through {type(client).__name__}")
+        elif device is None:
             context.log.warning(
                 "NOTICE: no GPU on this host (or none configured): training on CPU, which suits only small students"
             )

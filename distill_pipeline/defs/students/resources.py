@@ -63,4 +63,4 @@ def resources() -> dg.Definitions:
     # task (launchers.py); imported here because launchers.py reads this module's GPU placement.
     from distill_pipeline.defs.students.launchers import training_pipes_client
 
-    return dg.Definitions(resources={"trainer": TrainerResource(), "pipes_subprocess_client": training_pipes_client()})
+    return dg.Definitions(resources={"trainer": TrainerResource(), "pipes_client": training_pipes_client()})
