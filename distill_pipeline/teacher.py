@@ -141,10 +141,6 @@ class RunTotals:
     unpriced_calls: int = 0
     elapsed_s: float = 0.0
 
-    def add(self, other: RunTotals) -> None:
-        for name, value in asdict(other).items():
-            setattr(self, name, getattr(self, name) + value)
-
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
