@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import pytest
 from distill_pipeline.defs.ingest.assets import raw_logs, teacher_labels, teacher_logs
 from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.defs.teachers.resources import TeacherPrice, TeacherResource
+from distill_pipeline.importer import ColumnMapping, import_table
 from distill_pipeline.layout import teacher_labels_prefix
 from distill_pipeline.logschema import LogRecord, encode_log_object, log_object_key
 from distill_pipeline.store import LocalStore
@@ -186,3 +188,21 @@ def test_relabel_through_the_batch_api(teacher_url, tmp_path, instance):
     # The batch price: half of the configured $2 / $8 per million tokens.
     tokens_cost = (meta["teacher_prompt_tokens"] * 2.0 + meta["teacher_completion_tokens"] * 8.0) / 1e6
     assert meta["teacher_cost_usd"] == pytest.approx(tokens_cost / 2)
+
+
+def test_unlabelled_inputs_are_imported_and_filled_by_the_teacher(teacher_url, tmp_path, instance):
+    store = LocalStore(tmp_path / "store")
+    texts = comments(4)
+    source = tmp_path / "unlabelled.jsonl"
+    source.write_text("".join(json.dumps({"text": t, "answer": None}) + "\n" for t in texts))
+    mapping = ColumnMapping(
+        input="text", response="answer",
+        constants={"error": "not sent to a teacher yet", "model": "none", "prompt_template_id": "simple_prompt"},
+    )  # fmt: skip
+    import_table(store, source, mapping, default_day=DAY, task=load_task("toxicity"))
+    resource = teacher(teacher_url, tmp_path, mode="fill", models=["openai/teacher-a"])
+    assert materialize(store, instance, resource, "raw_logs").success
+    result = materialize(store, instance, resource, "teacher_labels")
+    assert result.success and metadata(result)["labelled"] == 4 and metadata(result)["teacher_calls"] == 4
+    rows = {row["input"]: row["label"] for row in table(store, "labels.parquet")}
+    assert rows == {t: int("idiot" in t) for t in texts}
