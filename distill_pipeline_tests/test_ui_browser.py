@@ -134,6 +134,8 @@ def test_asset_graph_launch_from_the_ui_and_report_metadata(tmp_path: Path, brow
             if "Success" in status or "Failure" in status or time.monotonic() > deadline:
                 break
             time.sleep(5)
+        # The event log below the header loads after it; the screenshot should show it.
+        WebDriverWait(browser, UI_TIMEOUT_S).until(lambda d: "RUN_SUCCESS" in d.find_element(By.TAG_NAME, "body").text)
         browser.save_screenshot(str(ARTIFACTS / "run_succeeded.png"))
         (run,) = [r for r in dev.runs({"dagster/partition": days[0]}) if r["runId"] == run_id]
         assert run["status"] == "SUCCESS"

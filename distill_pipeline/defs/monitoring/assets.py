@@ -23,8 +23,15 @@ from distill_pipeline.layout import (
     train_set_prefix,
 )
 from distill_pipeline.store import ObjectNotFound, ObjectStore
+from distill_pipeline.students import (
+    fetch_adapter,
+    load_adapter_student,
+    publish_report,
+    read_report,
+    student_predictor,
+)
 from distill_pipeline.tables import MissingTableError, fetch_table, published_partitions, read_manifest
-from distill_pipeline.task import Task
+from distill_pipeline.task import MonitoringConfig, Task
 
 INPUT_DRIFT_CHECK = "input_drift"
 OUTPUT_DRIFT_CHECK = "output_drift"
@@ -99,8 +106,6 @@ def drift_report(context: dg.AssetExecutionContext, store: StoreResource, task: 
 
     body = report.to_dict()
     prefix = drift_report_prefix(day)
-    from distill_pipeline.students import publish_report
-
     publish_report(
         object_store,
         prefix,
@@ -167,12 +172,10 @@ def _shadow_evaluation(
     store: ObjectStore,
     champion: dict[str, Any],
     current: dict[str, list[Any]],
-    config: Any,
+    config: MonitoringConfig,
     seed: int,
     scratch: Path,
 ) -> drift.ShadowEvaluation:
-    from distill_pipeline.students import fetch_adapter, load_adapter_student, student_predictor
-
     rows = drift.seeded_sample(list(zip(current["input"], current["label"], strict=True)), config.shadow_rows, seed + 2)
     adapter_dir = fetch_adapter(store, champion["adapter_prefix"], scratch / "champion")
     predict = student_predictor(load_adapter_student(adapter_dir, log=context.log.info))
@@ -229,8 +232,6 @@ def _read_json(store: ObjectStore, key: str) -> dict[str, Any] | None:
 
 def _history(store: ObjectStore, day: str) -> list[dict[str, Any]]:
     """Published drift reports of the days up to ``day`` (at most HISTORY_DAYS of them), oldest first."""
-    from distill_pipeline.students import read_report
-
     days = [d for d in published_partitions(store, DRIFT_REPORTS_ROOT) if d <= day][-drift.HISTORY_DAYS :]
     reports = [read_report(store, drift_report_prefix(d)) for d in days]
     return [r for r in reports if r is not None]
