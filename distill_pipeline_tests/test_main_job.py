@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -11,6 +12,7 @@ import dagster as dg
 import duckdb
 import pytest
 
+from distill_pipeline.layout import ABLATION_PREFIX, CHAMPION_CURRENT, eval_report_prefix
 from distill_pipeline.main_job import recent_days
 
 
@@ -51,3 +53,72 @@ def test_demo_materialises_every_data_stage_and_records_runs(tmp_path: Path) -> 
         assert len(runs) == 12
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
         assert instance.get_latest_materialization_event(dg.AssetKey("curated_examples")) is not None
+
+
+def _tiny_task(folder: Path) -> Path:
+    """The toxicity task with two training-set sizes, small test sets and a student that trains in seconds."""
+    from distill_pipeline.task import BUILTIN_TASKS_DIR
+
+    shutil.copytree(BUILTIN_TASKS_DIR / "toxicity", folder)
+    text = (folder / "task.toml").read_text()
+    for old, new in (
+        ("in_distribution_test_size = 500", "in_distribution_test_size = 120"),
+        ("balanced_test_size = 200", "balanced_test_size = 60"),
+        ('train_sizes = ["5%", "10%", "25%", "50%", "75%", "100%"]', 'train_sizes = ["25%", "100%"]'),
+        ("max_length_cap = 128", "max_length_cap = 48"),
+        ("eval_every_steps = 100", "eval_every_steps = 15"),
+        ("checkpoint_every_steps = 100", "checkpoint_every_steps = 15"),
+        ("min_train_steps = 60", "min_train_steps = 40"),
+    ):
+        assert old in text, old
+        text = text.replace(old, new)
+    (folder / "task.toml").write_text(text)
+    return folder
+
+
+@pytest.mark.slow
+def test_demo_runs_the_whole_graph_to_a_promoted_champion(tmp_path: Path) -> None:
+    """Simulated traffic through labels, curation, test and training sets, two students, their
+    reports, the ablation and the promotion gate, as the README's main command runs them."""
+    executable = shutil.which("distill-pipeline")
+    assert executable, "the distill-pipeline command is not installed"
+    task = _tiny_task(tmp_path / "task")
+    env = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "DISTILL_STORE", "DISTILL_TASK")}
+    env["DISTILL_WORK_DIR"] = str(tmp_path / "work")
+    completed = subprocess.run(
+        [executable, "--task", str(task), "demo", "--days", "1", "--records-per-day", "1600"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    out = completed.stdout
+    assert completed.returncode == 0, out + completed.stderr
+    # 2 data days' worth of steps for one day, 2 sizes x (train set, adapter, report), ablation, champion.
+    steps = 2 + 2 + 2 + 2 * 2 + 2
+    assert f"[{steps}/{steps}] champion" in out
+    assert "promoted: champion is" in out
+    for section in ("Accuracy by training-set size", "Teacher vs student vs baselines", "### Ablation"):
+        assert section in out
+    # Progress stays readable: no progress bars or loader tables from the libraries.
+    for noise in ("Loading weights", "LOAD REPORT", "Generating train split"):
+        assert noise not in out + completed.stderr
+
+    store = tmp_path / ".distill_store"
+    champion = json.loads((store / CHAMPION_CURRENT).read_text())
+    assert champion["decision"]["promote"] and champion["train_size"] in ("25pct", "100pct")
+    manifest = json.loads((store / champion["adapter_prefix"] / "_manifest.json").read_text())
+    assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["files"])
+    ablation = json.loads((store / ABLATION_PREFIX / "report.json").read_text())
+    assert ablation["sizes"] == ["25pct", "100pct"]
+    for size in ("25pct", "100pct"):
+        report = json.loads((store / eval_report_prefix(size) / "report.json").read_text())
+        for test_set in ("in_distribution", "balanced"):
+            scores = report["test_sets"][test_set]["vs_teacher"]
+            assert scores["student"]["accuracy"] > scores["majority"]["accuracy"]
+
+    with dg.DagsterInstance.from_config(str(tmp_path / ".dagster_home")) as instance:
+        runs = instance.get_runs()
+        assert len(runs) == steps
+        assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)
