@@ -259,10 +259,4 @@ class BatchLabeller:
                     via="batch",
                 )
             )
-            totals.paid_calls += 1
-            totals.prompt_tokens += prompt_tokens
-            totals.completion_tokens += completion_tokens
-            if cost is None:
-                totals.unpriced_calls += 1
-            else:
-                totals.cost_usd += cost
+            totals.add_paid_call(prompt_tokens, completion_tokens, cost)

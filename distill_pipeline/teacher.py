@@ -141,6 +141,16 @@ class RunTotals:
     unpriced_calls: int = 0
     elapsed_s: float = 0.0
 
+    def add_paid_call(self, prompt_tokens: int, completion_tokens: int, cost: float | None) -> None:
+        """Count one call the provider billed; a call the price table cannot price is counted apart."""
+        self.paid_calls += 1
+        self.prompt_tokens += prompt_tokens
+        self.completion_tokens += completion_tokens
+        if cost is None:
+            self.unpriced_calls += 1
+        else:
+            self.cost_usd += cost
+
     def as_dict(self) -> dict[str, float | int]:
         return asdict(self)
 
@@ -476,12 +486,5 @@ class TeacherClient:
             created_at=utc_now(),
         )
         self.ledger.record(entry)
-        totals = self.totals
-        totals.paid_calls += 1
-        totals.prompt_tokens += prompt_tokens
-        totals.completion_tokens += completion_tokens
-        if cost is None:
-            totals.unpriced_calls += 1
-        else:
-            totals.cost_usd += cost
+        self.totals.add_paid_call(prompt_tokens, completion_tokens, cost)
         return entry
