@@ -88,7 +88,7 @@ def _checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
 def _ids(store: ObjectStore, key: str, tmp_path: Path) -> set[str]:
     local = tmp_path / key.replace("/", "_")
     store.get_file(key, local)
-    return {row[0] for row in duckdb.sql(f"SELECT request_id FROM '{local}'").fetchall()}
+    return {row[0] for row in duckdb.connect().sql(f"SELECT request_id FROM '{local}'").fetchall()}
 
 
 def _run_data_plane(store: ObjectStore, task: Task, instance: dg.DagsterInstance) -> dict[str, dict[str, object]]:
@@ -284,8 +284,7 @@ def test_real_teacher_answers_flow_through_import_ingest_and_labelling(
     assert (labels["labelled"], labels["quarantined"], labels["parse_rate"]) == (8170, 0, 1.0)
     # The repository's own parse, where it exists, counts 1,799 toxic answers among 8,121 rows;
     # the 49 answers it never parsed add the rest.
-    reference = duckdb.execute(
-        f"SELECT count(*) FILTER (WHERE parsed_is_bad = 1), count(*) FILTER (WHERE parsed_is_bad IS NULL) FROM '{source}'"
-    ).fetchone()
+    counts = "count(*) FILTER (WHERE parsed_is_bad = 1), count(*) FILTER (WHERE parsed_is_bad IS NULL)"
+    (reference,) = duckdb.connect().sql(f"SELECT {counts} FROM '{source}'").fetchall()
     assert reference[0] == 1799
     assert 1799 <= labels["label_1"] <= 1799 + reference[1]

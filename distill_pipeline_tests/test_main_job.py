@@ -42,7 +42,8 @@ def test_demo_materialises_every_data_stage_and_records_runs(tmp_path: Path) -> 
     days = recent_days(2)
     for day in days:
         assert (store / f"logs/dt={day}").is_dir()
-    rows = duckdb.execute(f"SELECT count(*) FROM '{store}/tables/train_sets/size=100pct/train.parquet'").fetchone()[0]
+    train = store / "tables/train_sets/size=100pct/train.parquet"
+    ((rows,),) = duckdb.connect().sql(f"SELECT count(*) FROM '{train}'").fetchall()
     assert rows > 1000
 
     # The runs are in the instance that `dagster dev` will open.

@@ -113,4 +113,4 @@ def test_synthetic_examples_asset(teacher_url, tmp_path, instance):
     meta = {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
     assert (meta["seeds"], meta["candidates"], meta["kept"], meta["removed"]) == (2, 6, 4, 2)
     table = store.root / SYNTHETIC_PREFIX / "examples.parquet"
-    assert duckdb.sql(f"SELECT count(*), min(label), max(label) FROM '{table}'").fetchall() == [(4, 0, 1)]
+    assert duckdb.connect().sql(f"SELECT count(*), min(label), max(label) FROM '{table}'").fetchall() == [(4, 0, 1)]

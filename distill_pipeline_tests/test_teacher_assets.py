@@ -61,7 +61,7 @@ def metadata(result: dg.ExecuteInProcessResult) -> dict[str, object]:
 
 def table(store: LocalStore, name: str) -> list[dict]:
     path = store.root / teacher_labels_prefix(DAY) / name
-    return duckdb.sql(f"SELECT * FROM '{path}' ORDER BY request_id").to_arrow_table().to_pylist()
+    return duckdb.connect().sql(f"SELECT * FROM '{path}' ORDER BY request_id").to_arrow_table().to_pylist()
 
 
 def teacher(url: str, tmp_path: Path, **overrides) -> TeacherResource:

@@ -168,11 +168,12 @@ def synthetic_examples(
     with scratch_dir(context) as scratch:
         curated = fetch_table(object_store, CURATED_PREFIX, "examples.parquet", scratch)
         per_label = max(1, config.seeds // len(loaded.label.values))
-        rows = duckdb.sql(
-            f"SELECT request_id, input FROM (SELECT *, row_number() OVER (PARTITION BY label "
-            f"ORDER BY hash(request_id || '{loaded.splits.seed}')) AS n FROM read_parquet('{curated}')) "
-            f"WHERE n <= {per_label} ORDER BY request_id"
-        ).fetchall()
+        with duckdb.connect() as con:
+            rows = con.execute(
+                f"SELECT request_id, input FROM (SELECT *, row_number() OVER (PARTITION BY label "
+                f"ORDER BY hash(request_id || '{loaded.splits.seed}')) AS n FROM read_parquet('{curated}')) "
+                f"WHERE n <= {per_label} ORDER BY request_id"
+            ).fetchall()
         seeds = [Seed(str(r[0]), str(r[1])) for r in rows]
         with teacher.client(object_store, context, budget_usd=config.budget_usd) as client:
             result = make_synthetic_examples(client, rewriter, labeller, loaded, seeds)
