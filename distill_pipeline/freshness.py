@@ -15,11 +15,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from distill_pipeline.logschema import LOG_PREFIX
+from distill_pipeline.logschema import LOG_PREFIX, LOG_SUFFIXES
 from distill_pipeline.store import ObjectInfo
 
-#: What ingestion reads; anything else under logs/ (a temporary upload, a README) is ignored.
-LOG_SUFFIXES = (".jsonl", ".jsonl.gz")
 _DAY_KEY = re.compile(r"^" + re.escape(LOG_PREFIX) + r"/dt=(\d{4}-\d{2}-\d{2})/[^/]+$")
 CURSOR_VERSION = 1
 

@@ -18,6 +18,8 @@ SUPPORTED_SCHEMA_VERSIONS = (1,)
 
 #: Where log objects live inside a store: ``logs/dt=YYYY-MM-DD/<object>.jsonl``.
 LOG_PREFIX = "logs"
+#: What ingestion reads under a day's prefix; anything else (a temporary upload, a README) is ignored.
+LOG_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 #: Longest request id accepted; longer ones are quarantined.
 MAX_REQUEST_ID_CHARS = 256

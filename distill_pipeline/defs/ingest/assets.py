@@ -12,13 +12,12 @@ from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.ingest import ingest_objects
 from distill_pipeline.labels import label_records
 from distill_pipeline.layout import raw_logs_prefix, teacher_labels_prefix
-from distill_pipeline.logschema import SCHEMA_VERSION, log_object_prefix
+from distill_pipeline.logschema import LOG_SUFFIXES, SCHEMA_VERSION, log_object_prefix
 from distill_pipeline.reporting import counts_table, parquet_length_histogram, parquet_sample_markdown
 from distill_pipeline.tables import fetch_table, publish_table
 
 QUARANTINE_RATE_CHECK = "quarantine_rate"
 PARSE_FAILURE_RATE_CHECK = "parse_failure_rate"
-LOG_SUFFIXES = (".jsonl", ".jsonl.gz")
 
 teacher_logs = dg.AssetSpec(
     "teacher_logs",
