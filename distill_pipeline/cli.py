@@ -1,4 +1,4 @@
-"""The command line: ``distill-pipeline demo | simulate | import | predict``."""
+"""The command line: ``distill-pipeline demo | simulate | import | gold | predict``."""
 
 from __future__ import annotations
 
@@ -103,6 +103,41 @@ def _import(args: argparse.Namespace) -> int:
     return 0
 
 
+def _gold(args: argparse.Namespace) -> int:
+    import tempfile
+    from pathlib import Path
+
+    import pyarrow.parquet as pq
+
+    from distill_pipeline.importer import read_source_table
+    from distill_pipeline.layout import GOLD_LABELS
+    from distill_pipeline.store import open_store
+    from distill_pipeline.task import load_task
+    from distill_pipeline.teacher_eval import GoldTableError, gold_table_from
+
+    task = load_task(args.task)
+    try:
+        gold = gold_table_from(
+            read_source_table(args.table),
+            task.label,
+            text_column=args.text_column,
+            label_column=args.label_column,
+            test_set_column=args.test_set_column,
+        )
+    except GoldTableError as exc:
+        print(f"{args.table}: {exc}", file=sys.stderr)
+        return 2
+    store = open_store(args.store)
+    with tempfile.TemporaryDirectory(prefix="distill-gold-") as directory:
+        local = Path(directory) / "labels.parquet"
+        pq.write_table(gold, local)
+        store.put_file(GOLD_LABELS, local)
+    counts = gold.group_by("gold_label").aggregate([("gold_label", "count")]).to_pylist()
+    by_label = ", ".join(f"{task.label.name_of(c['gold_label'])} {c['gold_label_count']:,}" for c in counts)
+    print(f"wrote {gold.num_rows:,} gold rows ({by_label}) to {store.url}/{GOLD_LABELS}")
+    return 0
+
+
 def _predict(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
@@ -165,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     importer.add_argument("--constant", action="append", default=[], metavar="FIELD=VALUE")
     importer.add_argument("--day", help="day for rows without a timestamp (YYYY-MM-DD)")
     importer.set_defaults(run=_import)
+
+    gold = commands.add_parser("gold", help="put a human-labelled table in the store for teacher_eval")
+    gold.add_argument("table", help="a CSV, Parquet or JSONL file")
+    gold.add_argument("--text-column", default="input")
+    gold.add_argument("--label-column", default="gold_label", help="the task's label values or names")
+    gold.add_argument("--test-set-column", help="names each row's test set (default: the frozen test sets' rows)")
+    gold.set_defaults(run=_gold)
 
     predict = commands.add_parser("predict", help="label a table's texts with a trained student adapter")
     predict.add_argument(

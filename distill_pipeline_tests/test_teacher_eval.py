@@ -10,6 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+from distill_pipeline.cli import main
 from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.defs.splits.assets import test_sets as frozen_test_sets
 from distill_pipeline.defs.teachers.assets import teacher_eval
@@ -21,6 +22,7 @@ from distill_pipeline.teacher_eval import (
     ConfigScore,
     GoldTableError,
     SetScore,
+    gold_table_from,
     load_gold_sets,
     rank,
     score_responses,
@@ -88,6 +90,37 @@ def test_bad_gold_tables_are_refused(tmp_path: Path, content: str, message: str)
     gold.write_text(content)
     with pytest.raises(GoldTableError, match=message):
         load_gold_sets(gold, {}, (0, 1), max_rows_per_set=10, seed=1, workdir=tmp_path / "db")
+
+
+def test_the_gold_command_writes_a_users_table_where_teacher_eval_reads_it(tmp_path: Path, capsys):
+    source = tmp_path / "reviewed.csv"
+    source.write_text("comment,verdict,split\nyou idiot,toxic,bal\nnice post,0,bal\nthanks,OK,ind\n")
+    store = LocalStore(tmp_path / "store")
+    argv = ["--store", store.url, "gold", str(source), "--text-column", "comment", "--label-column", "verdict"]
+    assert main([*argv, "--test-set-column", "split"]) == 0
+    assert "wrote 3 gold rows (toxic 1, ok 2)" in capsys.readouterr().out
+    assert pq.read_table(store.root / GOLD_LABELS).to_pylist() == [
+        {"input": "you idiot", "gold_label": 1, "test_set": "bal"},
+        {"input": "nice post", "gold_label": 0, "test_set": "bal"},
+        {"input": "thanks", "gold_label": 0, "test_set": "ind"},
+    ]
+    sets = load_gold_sets(store.root / GOLD_LABELS, {}, (0, 1), max_rows_per_set=10, seed=1, workdir=tmp_path / "db")
+    assert {s.name: len(s.inputs) for s in sets} == {"bal": 2, "ind": 1}
+
+
+def test_the_gold_command_refuses_a_table_with_unknown_labels_and_writes_nothing(tmp_path: Path, capsys):
+    source = tmp_path / "reviewed.csv"
+    source.write_text("input,gold_label\na,1\nb,maybe\n,0\n")
+    store = LocalStore(tmp_path / "store")
+    assert main(["--store", store.url, "gold", str(source)]) == 2
+    error = capsys.readouterr().err
+    assert "2 of 3 rows cannot be gold" in error and "row 1: label 'maybe'" in error and "row 2: no text" in error
+    assert not (store.root / GOLD_LABELS).exists()
+
+
+def test_gold_labels_by_name_or_value():
+    table = pa.table({"input": ["a", "b", "c"], "gold_label": ["Toxic", "1.0", "0"]})
+    assert gold_table_from(table, LABEL).column("gold_label").to_pylist() == [1, 1, 0]
 
 
 @pytest.fixture

@@ -71,8 +71,8 @@ def teacher_eval(
             object_store.get_file(config.gold_table, gold_path)
         except ObjectNotFound:
             raise dg.Failure(
-                f"no gold table at {config.gold_table} in {object_store.url}: write one with columns input and "
-                "gold_label (and test_set, or let the frozen test sets choose the rows)"
+                f"no gold table at {config.gold_table} in {object_store.url}: put a human-labelled table there "
+                "with `distill-pipeline gold <file> --text-column ... --label-column ...`"
             ) from None
         pointer = current_test_sets(object_store)
         frozen = {}
