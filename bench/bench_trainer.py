@@ -1,7 +1,8 @@
 """Trainer benchmark: LoRA training throughput of distill_pipeline.trainer against a plain HF Trainer.
 
 Three runs train the same LoRA student (same base, rank, targets, batch size, learning rate,
-max_length and rows) for one epoch of synthetic comments with a long-tailed length distribution:
+max_length and rows) for one epoch of synthetic comments with a long-tailed length distribution
+(or real texts from ``--corpus``):
 
 - ``ours``: ``distill_pipeline.trainer.train`` (length-bucketed batches, packing for decoders,
   bf16 autocast + SDPA on CUDA, logits only at target positions);
@@ -18,6 +19,7 @@ meaningful on a GPU; absolute times are only meaningful on the GPU machine, rati
 
     python bench/bench_trainer.py                                   # MiniLM encoder, CPU-sized
     python bench/bench_trainer.py --rows 4096 --batch-size 64       # bigger
+    python bench/bench_trainer.py --corpus ../shared/data/jigsaw/train.parquet   # real comments' lengths
     python bench/bench_trainer.py --random-llama 1b --rows 8192 --batch-size 16 --peak-tflops 790
     python bench/bench_trainer.py --student-kind decoder --base-model /path/to/llama
 """
@@ -177,6 +179,17 @@ def synthetic_rows(n: int, seed: int) -> list[dict]:
     return rows
 
 
+def corpus_rows(path: Path, n: int, seed: int, text_column: str, label_column: str) -> list[dict]:
+    """A seeded sample of real texts (e.g. Jigsaw comments), for a real length distribution."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path, columns=[text_column, label_column]).to_pylist()
+    rows = [{"input": r[text_column], "label": int(r[label_column])} for r in table if r[text_column]]
+    if len(rows) < n:
+        raise SystemExit(f"{path} has {len(rows):,} texts, fewer than --rows {n:,}")
+    return random.Random(seed).sample(rows, n)
+
+
 def write_jsonl(rows: list[dict], path: Path) -> Path:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -300,6 +313,9 @@ def main() -> int:
     parser.add_argument("--lora-r", type=int, default=8)
     parser.add_argument("--peak-tflops", type=float, default=None, help="the device's dense bf16 peak, for MFU")
     parser.add_argument("--output", type=Path, default=None, help="also write the table here (markdown)")
+    parser.add_argument("--corpus", type=Path, default=None, help="a Parquet table of real texts instead of synthetic")
+    parser.add_argument("--text-column", default="comment_text")
+    parser.add_argument("--label-column", default="is_bad")
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as scratch:
@@ -307,10 +323,14 @@ def main() -> int:
         kind, base = args.student_kind, args.base_model
         if args.random_llama:
             kind, base = "decoder", str(make_random_llama(args.random_llama, scratch / "llama"))
-        rows = synthetic_rows(args.rows, 1)
+        if args.corpus:
+            drawn = corpus_rows(args.corpus, args.rows + 32, 1, args.text_column, args.label_column)
+            rows, validation = drawn[: args.rows], drawn[args.rows :]
+        else:
+            rows, validation = synthetic_rows(args.rows, 1), synthetic_rows(32, 2)
         spec = TrainSpec(
             train_path=str(write_jsonl(rows, scratch / "train.jsonl")),
-            validation_path=str(write_jsonl(synthetic_rows(32, 2), scratch / "validation.jsonl")),
+            validation_path=str(write_jsonl(validation, scratch / "validation.jsonl")),
             student_kind=kind,
             base_model=base,
             label_values=[0, 1],
@@ -352,7 +372,7 @@ def main() -> int:
         f"# Trainer throughput: {kind} {args.random_llama or base or 'all-MiniLM-L6-v2 (packaged)'}",
         "",
         f"{device}; {platform.python_version()}, torch {torch.__version__}, transformers {transformers.__version__}, "
-        f"peft {peft.__version__}; {args.rows} rows, 1 epoch, batch {args.batch_size}, max_length {max_length}, "
+        f"peft {peft.__version__}; {args.rows} rows of {args.corpus.name if args.corpus else 'synthetic text'}, 1 epoch, batch {args.batch_size}, max_length {max_length}, "
         f"LoRA r={args.lora_r}; 4N = {flops / 1e9:.3f} GFLOP/token",
         "",
         "| run | seconds | real tokens | real tokens/s | samples/s | vs hf-maxlen | vs hf-random | TFLOP/s | MFU |",
