@@ -18,7 +18,8 @@ Durability has two layers, because answers arrive faster than an object store sh
 
 Each run writes its own segments, so concurrent runs (several day partitions at once) never
 write the same object; if two runs pay for the same key at once, both entries are kept and the
-earliest wins on read. Inputs are not stored, only their hash: the ledger outlives curation's
+earliest wins on read. :func:`compact_ledger` merges settled segments into one, so the number of
+objects an open reads stays small. Inputs are not stored, only their hash: the ledger outlives curation's
 PII scrubbing and must not become a second copy of the users' text.
 """
 
@@ -31,6 +32,7 @@ import os
 import tempfile
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -118,6 +120,26 @@ def _read_entries(data: bytes, source: str) -> list[LedgerEntry]:
     return entries
 
 
+def _keep_earliest(entries: Iterable[LedgerEntry], into: dict[str, LedgerEntry]) -> int:
+    """Add entries to ``into``, the earliest answer winning per key; returns how many were read."""
+    read = 0
+    for entry in entries:
+        read += 1
+        known = into.get(entry.key)
+        if known is None or entry.created_at < known.created_at:
+            into[entry.key] = entry
+    return read
+
+
+def load_entries(store: ObjectStore) -> dict[str, LedgerEntry]:
+    """Every answer the store's ledger holds, the earliest per key."""
+    entries: dict[str, LedgerEntry] = {}
+    for info in store.list(LEDGER_SEGMENTS):
+        if info.key.endswith(".jsonl"):
+            _keep_earliest(_read_entries(store.get_bytes(info.key), info.key), entries)
+    return entries
+
+
 class LedgerCorrupt(RuntimeError):
     """A ledger segment has a damaged line that is not a torn last line."""
 
@@ -163,13 +185,7 @@ class Ledger:
             path.unlink()
 
     def _load(self) -> None:
-        for info in self.store.list(LEDGER_SEGMENTS):
-            if not info.key.endswith(".jsonl"):
-                continue
-            for entry in _read_entries(self.store.get_bytes(info.key), info.key):
-                known = self.entries.get(entry.key)
-                if known is None or entry.created_at < known.created_at:
-                    self.entries[entry.key] = entry
+        self.entries = load_entries(self.store)
 
     def get(self, key: str) -> LedgerEntry | None:
         return self.entries.get(key)
@@ -232,3 +248,91 @@ class Ledger:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+# ---------------------------------------------------------------- compaction
+#: A segment nothing has written for this long belongs to no live run (a run re-uploads its open
+#: segment at every sync, seconds apart), so it may be merged away.
+DEFAULT_COMPACT_MIN_AGE_S = 3600.0
+
+
+@dataclass(frozen=True)
+class CompactionResult:
+    """What one compaction did to the ledger's segments."""
+
+    segments_before: int
+    merged: int
+    deleted: int
+    #: Rewritten between being read and being deleted (a run woke up): kept, their entries now in two places.
+    kept_changed: tuple[str, ...]
+    entries: int
+    duplicates_dropped: int
+    compacted_key: str | None
+
+
+def compact_ledger(
+    store: ObjectStore, *, min_age_s: float = DEFAULT_COMPACT_MIN_AGE_S, now: float | None = None
+) -> CompactionResult:
+    """Merge the ledger's settled segments into one, keeping the earliest answer per key.
+
+    Every run writes segments of its own, so a busy ledger grows by many small objects, and each
+    open reads them all. Nothing paid for is lost at any point: the merged segment is written
+    before any source is deleted (a crash in between leaves duplicates, which reading resolves),
+    and a source whose version changed after it was read is kept rather than deleted.
+    """
+    now = time.time() if now is None else now
+    segments = [info for info in store.list(LEDGER_SEGMENTS) if info.key.endswith(".jsonl")]
+    settled = [info for info in segments if now - info.modified >= min_age_s]
+    if len(settled) < 2:
+        return CompactionResult(len(segments), 0, 0, (), 0, 0, None)
+    kept: dict[str, LedgerEntry] = {}
+    read = sum(_keep_earliest(_read_entries(store.get_bytes(info.key), info.key), kept) for info in settled)
+    ordered = sorted(kept.values(), key=lambda entry: (entry.created_at, entry.key))
+    stamp = dt.datetime.fromtimestamp(now, dt.UTC).strftime("%Y%m%dT%H%M%S")
+    compacted_key = f"{LEDGER_SEGMENTS}{stamp}-compacted-{uuid.uuid4().hex[:12]}.jsonl"
+    store.put_bytes(compacted_key, "".join(entry.to_json() + "\n" for entry in ordered).encode())
+    # Re-listed just before deleting: a source written since it was read holds answers the merge lacks.
+    versions = {info.key: info.version for info in store.list(LEDGER_SEGMENTS)}
+    changed = tuple(info.key for info in settled if versions.get(info.key, info.version) != info.version)
+    for info in settled:
+        if info.key not in changed:
+            store.delete(info.key)
+    return CompactionResult(
+        segments_before=len(segments),
+        merged=len(settled),
+        deleted=len(settled) - len(changed),
+        kept_changed=changed,
+        entries=len(ordered),
+        duplicates_dropped=read - len(ordered),
+        compacted_key=compacted_key,
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpend:
+    """What the ledger holds of one teacher model: answers, tokens and dollars."""
+
+    model: str
+    answers: int
+    prompt_tokens: int
+    completion_tokens: int
+    cost_usd: float
+    unpriced: int
+
+
+def spend_by_model(entries: Iterable[LedgerEntry]) -> list[ModelSpend]:
+    """Totals per model over ledger entries, the most expensive first."""
+    totals: dict[str, list[float]] = {}
+    for entry in entries:
+        row = totals.setdefault(entry.model, [0, 0, 0, 0.0, 0])
+        row[0] += 1
+        row[1] += entry.prompt_tokens
+        row[2] += entry.completion_tokens
+        if entry.cost_usd is None:
+            row[4] += 1
+        else:
+            row[3] += entry.cost_usd
+    spends = [
+        ModelSpend(model, int(a), int(p), int(c), float(cost), int(u)) for model, (a, p, c, cost, u) in totals.items()
+    ]
+    return sorted(spends, key=lambda spend: (-spend.cost_usd, spend.model))

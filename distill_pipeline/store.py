@@ -37,6 +37,8 @@ class ObjectInfo:
     # An opaque version tag that changes when the object's bytes change (S3 ETag, or the
     # local file's mtime and size); sensors use it to notice rewritten objects.
     version: str
+    # When the object was last written, in seconds since the epoch.
+    modified: float
 
 
 class ObjectStore(Protocol):
@@ -152,7 +154,7 @@ class LocalStore:
                 key = full.relative_to(self.root).as_posix()
                 if key.startswith(prefix):
                     stat = full.stat()
-                    found.append(ObjectInfo(key, stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}"))
+                    found.append(ObjectInfo(key, stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}", stat.st_mtime))
         return sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str) -> None:
@@ -253,7 +255,14 @@ class S3Store:
         found = []
         for page in with_retries(lambda: list(self._pages(prefix))):
             for item in page.get("Contents", []):
-                found.append(ObjectInfo(self._relative(item["Key"]), int(item["Size"]), item["ETag"].strip('"')))
+                found.append(
+                    ObjectInfo(
+                        self._relative(item["Key"]),
+                        int(item["Size"]),
+                        item["ETag"].strip('"'),
+                        item["LastModified"].timestamp(),
+                    )
+                )
         return sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str) -> None:

@@ -174,7 +174,7 @@ def test_report_renders_with_history_plots() -> None:
 
 
 def _info(key: str, version: str = "v1") -> ObjectInfo:
-    return ObjectInfo(key, 10, version)
+    return ObjectInfo(key, 10, version, 0.0)
 
 
 def test_fresh_days_from_new_and_rewritten_objects_with_stable_run_keys() -> None:

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
-from distill_pipeline.ledger import LEDGER_SEGMENTS, Ledger, LedgerCorrupt, LedgerEntry, ledger_key, utc_now
+from distill_pipeline.defs.resources import StoreResource
+from distill_pipeline.defs.teachers.ledger import label_ledger
+from distill_pipeline.ledger import (
+    LEDGER_SEGMENTS,
+    Ledger,
+    LedgerCorrupt,
+    LedgerEntry,
+    compact_ledger,
+    ledger_key,
+    load_entries,
+    utc_now,
+)
 from distill_pipeline.store import LocalStore, ObjectStore
 
 BASE = {
@@ -114,3 +128,67 @@ def test_segments_rotate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
             ledger.record(entry(f"k{i}"))
     assert len(store.list(LEDGER_SEGMENTS)) == 3
     assert len(Ledger.open(store, tmp_path / "j")) == 5
+
+
+def _segment(store: ObjectStore, name: str, *entries: LedgerEntry) -> str:
+    key = f"{LEDGER_SEGMENTS}{name}.jsonl"
+    store.put_bytes(key, "".join(e.to_json() + "\n" for e in entries).encode())
+    return key
+
+
+def test_compaction_merges_settled_segments_and_loses_no_answer(local_store: LocalStore):
+    early, late = "2026-01-01T00:00:00+00:00", "2026-01-02T00:00:00+00:00"
+    first = _segment(local_store, "a", entry("k1", "first", early), entry("k2"))
+    second = _segment(local_store, "b", entry("k1", "second", late), entry("k3"))
+    before = load_entries(local_store)
+    live = _segment(local_store, "c", entry("k4"))  # a running job's segment, written a moment ago
+    result = compact_ledger(local_store, min_age_s=60, now=time.time() + 30)
+    assert (result.segments_before, result.merged, result.deleted, result.duplicates_dropped) == (3, 0, 0, 0)
+
+    for key in (first, second):
+        os.utime(local_store.root / key, (0, 0))
+    result = compact_ledger(local_store, min_age_s=60)
+    assert (result.merged, result.deleted, result.entries, result.duplicates_dropped) == (2, 2, 3, 1)
+    remaining = sorted(info.key for info in local_store.list(LEDGER_SEGMENTS))
+    assert remaining == sorted([result.compacted_key, live])
+    after = load_entries(local_store)
+    assert after["k1"].response == "first" and set(after) == set(before) | {"k4"}
+
+
+def test_a_segment_rewritten_while_compacting_is_kept(local_store: LocalStore):
+    class WriterWakesUp(LocalStore):
+        """A run syncs its segment again between compaction's read and its delete."""
+
+        def get_bytes(self, key: str) -> bytes:
+            data = super().get_bytes(key)
+            if key.endswith("b.jsonl") and b"k9" not in data:
+                super().put_bytes(key, data + (entry("k9").to_json() + "\n").encode())
+            return data
+
+    store = WriterWakesUp(local_store.root)
+    _segment(store, "a", entry("k1"))
+    rewritten = _segment(store, "b", entry("k2"))
+    result = compact_ledger(store, min_age_s=0)
+    assert result.kept_changed == (rewritten,) and result.deleted == 1
+    assert set(load_entries(store)) == {"k1", "k2", "k9"}
+
+
+def test_label_ledger_asset_compacts_and_reports_spend_per_model(local_store: LocalStore):
+    for name in ("a", "b", "c"):
+        key = _segment(local_store, name, entry(f"k-{name}"), entry("shared", created_at="2026-01-01T00:00:00+00:00"))
+        os.utime(local_store.root / key, (0, 0))
+    result = dg.materialize(
+        [label_ledger],
+        resources={"store": StoreResource(url=local_store.url)},
+        run_config={"ops": {"label_ledger": {"config": {"min_age_s": 60}}}},
+    )
+    (materialization,) = result.asset_materializations_for_node("label_ledger")
+    meta = {key: getattr(value, "value", value) for key, value in materialization.metadata.items()}
+    assert (meta["answers"], meta["segments_before"], meta["segments_after"], meta["duplicates_dropped"]) == (
+        4,
+        3,
+        1,
+        2,
+    )
+    assert meta["cost_usd"] == pytest.approx(4 * 0.0003)
+    assert "| openai/gpt-4o | 4 | 360 | 36 | $0.0012 | 0 |" in meta["by_model"]
