@@ -36,11 +36,23 @@ def _demo(args: argparse.Namespace) -> int:
     days = recent_days(args.days)
     print(f"store: {store.url}\nDAGSTER_HOME: {home}\ntask: {task.id}")
     if not args.no_simulate:
-        summary = simulate_traffic(store, days=days, records_per_day=args.records_per_day, seed=args.seed, task=task)
+        summary = simulate_traffic(
+            store,
+            days=days,
+            records_per_day=args.records_per_day,
+            seed=args.seed,
+            task=task,
+            gold_fraction=args.gold_fraction,
+        )
         print(
             f"simulated {summary.lines_written:,} log lines over {len(days)} days ({days[0]} .. {days[-1]}) "
-            f"from {summary.users:,} users, {sum(summary.malformed.values()):,} malformed on purpose"
+            f"from {summary.users:,} users, {sum(summary.malformed.values()):,} malformed on purpose; "
+            f"the simulated teacher is right on {summary.teacher_accuracy:.1%} of its answers"
         )
+        if summary.gold_rows:
+            print(
+                f"gold table: the true labels of {summary.gold_rows:,} distinct inputs, as if people had labelled them"
+            )
     size_keys = [TrainSize.parse(s).key for s in task.splits.train_sizes]
     steps = plan_data_stages(days, size_keys)
     if args.stages == "all":
@@ -76,8 +88,10 @@ def _simulate(args: argparse.Namespace) -> int:
         seed=args.seed,
         task=load_task(args.task),
         corpus_path=args.corpus,
+        gold_fraction=args.gold_fraction,
     )
-    print(f"wrote {summary.lines_written:,} lines in {len(summary.object_keys)} objects")
+    gold = f"; gold table of {summary.gold_rows:,} inputs" if summary.gold_rows else ""
+    print(f"wrote {summary.lines_written:,} lines in {len(summary.object_keys)} objects{gold}")
     return 0
 
 
@@ -109,11 +123,11 @@ def _gold(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
+    from distill_pipeline.gold import GoldTableError, gold_table_from
     from distill_pipeline.importer import read_source_table
     from distill_pipeline.layout import GOLD_LABELS
     from distill_pipeline.store import open_store
     from distill_pipeline.task import load_task
-    from distill_pipeline.teacher_eval import GoldTableError, gold_table_from
 
     task = load_task(args.task)
     try:
@@ -178,6 +192,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--dagster-home", help="default: $DAGSTER_HOME or ./.dagster_home")
     demo.add_argument("--no-simulate", action="store_true", help="use the logs already in the store")
     demo.add_argument(
+        "--gold-fraction",
+        type=float,
+        default=1.0,
+        help="share of the simulated inputs whose true labels become the gold table (default 1: all)",
+    )
+    demo.add_argument(
         "--stages",
         choices=["all", "data"],
         default="all",
@@ -191,6 +211,9 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--records-per-day", type=int, default=10_000)
     simulate.add_argument("--seed", type=int, default=7)
     simulate.add_argument("--corpus", help="draw inputs and true labels from this table instead")
+    simulate.add_argument(
+        "--gold-fraction", type=float, default=0.0, help="write the true labels of this share of inputs as gold"
+    )
     simulate.set_defaults(run=_simulate)
 
     importer = commands.add_parser("import", help="turn an existing table (CSV, Parquet, JSONL) into log objects")

@@ -319,6 +319,9 @@ def results_tables(store: Any) -> str:
         reference_note(shown),
         comparison_report({name: entry["vs_teacher"] for name, entry in shown["test_sets"].items()}),
     ]
+    gold = {name: entry["vs_gold"] for name, entry in shown["test_sets"].items() if entry.get("vs_gold")}
+    if gold:
+        parts += ["#### Against gold (human) labels", comparison_report(gold)]
     if ablation is not None:
         gains = ", ".join(f"{name} {gain:+.2f} points" for name, gain in ablation["doubling_gain_points"].items())
         parts += ["### Ablation", ablation["recommendation"] + (f" Doubling gain: {gains}." if gains else "")]

@@ -20,6 +20,7 @@ import datetime as dt
 import json
 import re
 import string
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,8 +29,11 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
+from distill_pipeline.gold import GOLD_LABEL, GOLD_TEXT
 from distill_pipeline.importer import log_line_sql, object_payloads, publish_day_objects, read_source_table
+from distill_pipeline.layout import GOLD_LABELS
 from distill_pipeline.logschema import SCHEMA_FIELDS, SCHEMA_VERSION
 from distill_pipeline.store import ObjectStore
 from distill_pipeline.task import PromptTemplate, Task
@@ -501,6 +505,8 @@ class SimulationSummary:
     users: int
     true_positive_rate: float
     teacher_accuracy: float
+    #: Rows of the gold table written (0: none was).
+    gold_rows: int = 0
 
 
 def simulate_traffic(
@@ -514,12 +520,19 @@ def simulate_traffic(
     corpus_path: str | Path | None = None,
     corpus_text_column: str = "comment_text",
     corpus_label_column: str | None = None,
+    gold_fraction: float = 0.0,
 ) -> SimulationSummary:
     """Write ``records_per_day`` log lines per day under ``logs/dt=DAY/sim-<seed>-<part>.jsonl``.
 
     With ``corpus_path`` (CSV, Parquet or JSONL) the inputs and true labels are sampled from that
-    table (label column default: the task's label field) instead of generated.
+    table (label column default: the task's label field) instead of generated. With
+    ``gold_fraction`` > 0, the true labels of that share of the distinct valid inputs (a seeded
+    sample) are written as the store's gold table, as if people had labelled them: evaluation
+    then scores the teacher and the students against the truth. Texts drawn with two different
+    true labels are left out of it.
     """
+    if not 0.0 <= gold_fraction <= 1.0:
+        raise ValueError("gold_fraction must be between 0 and 1")
     profile = profile or TrafficProfile()
     source = _TrafficSource(task, profile, seed, corpus_path, corpus_text_column, corpus_label_column)
     keys: list[str] = []
@@ -527,6 +540,7 @@ def simulate_traffic(
     formats = np.zeros(len(RESPONSE_FORMATS), np.int64)
     users: set[str] = set()
     lines_written = positives = answered = correct = 0
+    truth_by_text: dict[str, int | None] = {}
     con = duckdb.connect()
     try:
         for day in days:
@@ -545,8 +559,18 @@ def simulate_traffic(
             has_answer = ~np.isnan(teacher)
             answered += int(has_answer.sum())
             correct += int((teacher[has_answer] == truth[has_answer]).sum())
+            if gold_fraction > 0:
+                texts = drawn.table["input"].filter(pa.array(valid)).to_pylist()
+                for text, value in zip(texts, truth.tolist(), strict=True):
+                    # A text seen with two truths is ambiguous: no person could label it right.
+                    known = truth_by_text.setdefault(text, int(value))
+                    if known is not None and known != int(value):
+                        truth_by_text[text] = None
     finally:
         con.close()
+    gold_rows = 0
+    if gold_fraction > 0:
+        gold_rows = _write_gold_sample(store, truth_by_text, gold_fraction, seed)
     valid_records = lines_written - int(malformed[1:].sum())
     return SimulationSummary(
         days=tuple(days),
@@ -558,7 +582,26 @@ def simulate_traffic(
         users=len(users),
         true_positive_rate=positives / valid_records if valid_records else 0.0,
         teacher_accuracy=correct / answered if answered else 0.0,
+        gold_rows=gold_rows,
     )
+
+
+def _write_gold_sample(store: ObjectStore, truth_by_text: dict[str, int | None], fraction: float, seed: int) -> int:
+    """A seeded share of the unambiguous texts with their true labels, as the store's gold table."""
+    texts = sorted(text for text, value in truth_by_text.items() if value is not None)
+    rng = np.random.default_rng(seed)
+    chosen = sorted(rng.choice(len(texts), size=round(fraction * len(texts)), replace=False).tolist())
+    table = pa.table(
+        {
+            GOLD_TEXT: pa.array([texts[i] for i in chosen], pa.string()),
+            GOLD_LABEL: pa.array([truth_by_text[texts[i]] for i in chosen], pa.int64()),
+        }
+    )
+    with tempfile.TemporaryDirectory(prefix="distill-gold-") as directory:
+        path = Path(directory) / "labels.parquet"
+        pq.write_table(table, path)
+        store.put_file(GOLD_LABELS, path)
+    return table.num_rows
 
 
 def generate_traffic(

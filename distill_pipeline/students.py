@@ -271,7 +271,12 @@ class LabelledTexts:
     name: str
     texts: list[str]
     labels: list[int]
-    gold: list[int] | None = None
+    #: A human label per row, None where a row has none; None when no row has one.
+    gold: list[int | None] | None = None
+
+    def gold_rows(self) -> list[int]:
+        """The rows with a gold label: gold scores are measured on these."""
+        return [] if self.gold is None else [row for row, value in enumerate(self.gold) if value is not None]
 
 
 def read_labelled(path: Path, name: str) -> LabelledTexts:
@@ -282,11 +287,26 @@ def read_labelled(path: Path, name: str) -> LabelledTexts:
     labels = [int(v) for v in table.column(LABEL_COLUMN).to_pylist()]
     gold = None
     if GOLD_COLUMN in table.column_names:
-        values = table.column(GOLD_COLUMN).to_pylist()
-        # Gold counts only where every row has it: a partly labelled set would be a different sample.
-        if values and all(v is not None for v in values):
-            gold = [int(v) for v in values]
-    return LabelledTexts(name, texts, labels, gold)
+        gold = [None if v is None else int(v) for v in table.column(GOLD_COLUMN).to_pylist()]
+    return LabelledTexts(name, texts, labels, gold if gold and any(v is not None for v in gold) else None)
+
+
+def with_gold(test_set: LabelledTexts, gold_by_text: Mapping[str, int]) -> LabelledTexts:
+    """The test set with the gold label of every row whose text the gold table labels (a row's own wins)."""
+    own = test_set.gold or [None] * len(test_set.texts)
+    gold = [g if g is not None else gold_by_text.get(text) for g, text in zip(own, test_set.texts, strict=True)]
+    has_any = any(v is not None for v in gold)
+    return LabelledTexts(test_set.name, test_set.texts, test_set.labels, gold if has_any else None)
+
+
+def _gold_subset(test_set: LabelledTexts) -> tuple[list[int], list[int]]:
+    """The rows with gold and their gold labels."""
+    rows = test_set.gold_rows()
+    return rows, [int(test_set.gold[row]) for row in rows] if test_set.gold else []
+
+
+def _rows_of(predicted: Predictions, rows: list[int]) -> Predictions:
+    return Predictions([predicted.labels[row] for row in rows], predicted.probabilities[rows], predicted.label_values)
 
 
 # The comparison table's columns; the confusion matrix and notes stay in the JSON report.
@@ -321,13 +341,14 @@ def score_student(
     """One predictor's scores per test set, against the teacher's labels or (``vs_gold``) gold."""
     scores = {}
     for test_set in test_sets:
-        if against == "vs_gold" and test_set.gold is None:
+        rows, gold = _gold_subset(test_set)
+        if against == "vs_gold" and not rows:
             continue
         predicted = student(test_set.texts)
         metrics = (
             _against_teacher(task, test_set, predicted)
             if against == "vs_teacher"
-            else _evaluate(task, test_set.gold or [], predicted)
+            else _evaluate(task, gold, _rows_of(predicted, rows))
         )
         scores[test_set.name] = _scores(metrics)
     return scores
@@ -361,22 +382,24 @@ def evaluate_on_test_sets(
         predictions = {name: predict(test_set.texts) for name, predict in predictors.items()}
         vs_teacher = {name: _against_teacher(task, test_set, predicted) for name, predicted in predictions.items()}
         vs_gold = None
-        if test_set.gold is not None:
+        rows, gold = _gold_subset(test_set)
+        if rows:
             # The teacher gives labels only: no scores, so no ROC AUC for it.
             vs_gold = {
                 TEACHER: evaluate_predictions(
-                    test_set.gold,
-                    test_set.labels,
+                    gold,
+                    [test_set.labels[row] for row in rows],
                     None,
                     task.label.values,
                     positive,
                     label_names=list(task.label.names),
                 ),
-                **{name: _evaluate(task, test_set.gold, predicted) for name, predicted in predictions.items()},
+                **{name: _evaluate(task, gold, _rows_of(predicted, rows)) for name, predicted in predictions.items()},
             }
         entry: dict[str, Any] = {
             "rows": len(test_set.texts),
-            "has_gold": test_set.gold is not None,
+            "has_gold": bool(rows),
+            "gold_rows": len(rows),
             "vs_teacher": {
                 TEACHER: {"agreement": 1.0, "cohen_kappa": 1.0, "rows": len(test_set.labels)},
                 **{name: _scores(m) for name, m in vs_teacher.items()},
@@ -403,7 +426,7 @@ def evaluate_on_test_sets(
             }
             entry["mistakes_markdown"] = mistakes.markdown()
         report["test_sets"][test_set.name] = entry
-    if any(t.gold is not None for t in test_sets):
+    if any(t.gold_rows() for t in test_sets):
         report["reference"] = "teacher and gold"
     speed_texts = [text for t in test_sets for text in t.texts][:SPEED_ROWS]
     report["speed"] = {
@@ -415,13 +438,20 @@ def evaluate_on_test_sets(
 
 def reference_note(report: Mapping[str, Any]) -> str:
     """What the scores in a report are measured against, in a sentence or two."""
-    with_gold = [name for name, entry in report["test_sets"].items() if entry["has_gold"]]
+    with_gold = [
+        f"{name} ({entry.get('gold_rows', entry['rows']):,} of {entry['rows']:,} rows)"
+        for name, entry in report["test_sets"].items()
+        if entry["has_gold"]
+    ]
     note = (
         "The test labels are the teacher's own labels, so the teacher is the reference: each model's "
         "scores are its agreement with the teacher, and the teacher's row is 1 by definition."
     )
     if with_gold:
-        note += f" Gold labels exist for {', '.join(with_gold)}: there every model, the teacher included, is also scored against gold."
+        note += (
+            f" Gold (human) labels exist for {', '.join(with_gold)}: on those rows every model, the teacher "
+            "included, is also scored against gold."
+        )
     else:
         note += " No test set has gold labels, so the teacher's own accuracy is not measured here."
     return note

@@ -100,7 +100,8 @@ def test_demo_runs_the_whole_graph_to_a_promoted_champion(tmp_path: Path) -> Non
     steps = 2 + 2 + 2 + 2 * 2 + 2
     assert f"[{steps}/{steps}] champion" in out
     assert "promoted: champion is" in out
-    for section in ("Accuracy by training-set size", "Teacher vs student vs baselines", "### Ablation"):
+    sections = ("Accuracy by training-set size", "Teacher vs student vs baselines", "Against gold", "### Ablation")
+    for section in sections:
         assert section in out
     # Progress stays readable: no progress bars or loader tables from the libraries.
     for noise in ("Loading weights", "LOAD REPORT", "Generating train split"):
@@ -118,6 +119,10 @@ def test_demo_runs_the_whole_graph_to_a_promoted_champion(tmp_path: Path) -> Non
         for test_set in ("in_distribution", "balanced"):
             scores = report["test_sets"][test_set]["vs_teacher"]
             assert scores["student"]["accuracy"] > scores["majority"]["accuracy"]
+            # The simulator's truth is the gold table: the simulated teacher makes mistakes against it.
+            entry = report["test_sets"][test_set]
+            assert entry["gold_rows"] == entry["rows"]
+            assert 0.5 < entry["vs_gold"]["teacher"]["accuracy"] < 1.0
 
     with dg.DagsterInstance.from_config(str(tmp_path / ".dagster_home")) as instance:
         runs = instance.get_runs()

@@ -10,8 +10,10 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pa_csv
+import pyarrow.parquet as pq
 import pytest
 
+from distill_pipeline.layout import GOLD_LABELS
 from distill_pipeline.logschema import LOG_PREFIX, SCHEMA_FIELDS, log_object_prefix
 from distill_pipeline.simulator import (
     MALFORMED_KINDS,
@@ -247,3 +249,23 @@ def test_generated_table_is_what_the_objects_hold(simulated, task: Task) -> None
             row["response"],
             row["user_id"],
         )
+
+
+def test_a_share_of_the_truth_becomes_the_gold_table(tmp_path: Path, task: Task) -> None:
+    store = LocalStore(tmp_path / "store")
+    summary = simulate_traffic(
+        store, days=DAYS, records_per_day=RECORDS_PER_DAY, seed=11, task=task, profile=PROFILE, gold_fraction=0.5
+    )
+    table = generate_traffic(days=DAYS, records_per_day=RECORDS_PER_DAY, seed=11, task=task, profile=PROFILE)
+    valid = table.filter(pc.equal(table["line_kind"], "valid")).to_pylist()
+    truths: dict[str, set[int]] = {}
+    for row in valid:
+        truths.setdefault(row["input"], set()).add(row["true_label"])
+    unambiguous = {text: labels.pop() for text, labels in truths.items() if len(labels) == 1}
+    gold = pq.read_table(store.root / GOLD_LABELS).to_pylist()
+    assert summary.gold_rows == len(gold) == round(0.5 * len(unambiguous))
+    assert all(unambiguous[row["input"]] == row["gold_label"] for row in gold)
+    assert (
+        simulate_traffic(LocalStore(tmp_path / "none"), days=DAYS, records_per_day=10, seed=1, task=task).gold_rows == 0
+    )
+    assert not (tmp_path / "none" / GOLD_LABELS).exists()

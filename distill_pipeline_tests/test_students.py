@@ -434,3 +434,31 @@ def test_the_predict_command_labels_a_table_with_an_adapter_from_the_store_or_a_
 
     missing = cli("--adapter", "champion", "--output", str(tmp_path / "c.parquet"), "--text-column", "comment")
     assert missing.returncode == 2 and "no champion" in missing.stderr
+
+
+def test_gold_labels_score_every_model_and_the_teacher_on_the_rows_they_cover() -> None:
+    import numpy as np
+
+    from distill_pipeline.evaluation import Predictions
+    from distill_pipeline.students import LabelledTexts, evaluate_on_test_sets, reference_note, with_gold
+
+    task = load_task("toxicity")
+    answers = {"you idiot": 1, "get lost, moron": 1, "nice post": 0, "thanks a lot": 0, "idiotic idea": 0, "meh": 0}
+
+    def student(texts):
+        labels = [answers[t] for t in texts]
+        return Predictions(labels, np.array([[1.0 - y, float(y)] for y in labels]), (0, 1))
+
+    train = LabelledTexts("train", list(answers), list(answers.values()))
+    teacher_labels = [1, 1, 0, 0, 1, 0]  # the teacher calls "idiotic idea" toxic
+    test = LabelledTexts("in_distribution", list(answers), teacher_labels)
+    # People labelled four of the six rows; "idiotic idea" is not toxic, "meh" is unlabelled.
+    gold = {"you idiot": 1, "nice post": 0, "idiotic idea": 0, "get lost, moron": 1}
+    report = evaluate_on_test_sets(task, student, train, [with_gold(test, gold)], log=lambda _m: None)
+    entry = report["test_sets"]["in_distribution"]
+    assert (entry["rows"], entry["gold_rows"], entry["has_gold"]) == (6, 4, True)
+    assert entry["vs_gold"]["teacher"]["accuracy"] == 0.75 and entry["vs_gold"]["teacher"]["rows"] == 4
+    assert entry["vs_gold"]["student"]["accuracy"] == 1.0
+    assert entry["vs_teacher"]["student"]["accuracy"] == pytest.approx(5 / 6)
+    assert "in_distribution (4 of 6 rows)" in reference_note(report)
+    assert with_gold(test, {}).gold is None

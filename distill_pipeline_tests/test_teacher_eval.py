@@ -15,14 +15,13 @@ from distill_pipeline.defs.resources import StoreResource, TaskResource
 from distill_pipeline.defs.splits.assets import test_sets as frozen_test_sets
 from distill_pipeline.defs.teachers.assets import teacher_eval
 from distill_pipeline.defs.teachers.resources import TeacherPrice, TeacherResource
+from distill_pipeline.gold import GoldTableError, gold_table_from
 from distill_pipeline.layout import GOLD_LABELS, TEACHER_EVAL_PREFIX
 from distill_pipeline.store import LocalStore
 from distill_pipeline.task import load_task
 from distill_pipeline.teacher_eval import (
     ConfigScore,
-    GoldTableError,
     SetScore,
-    gold_table_from,
     load_gold_sets,
     rank,
     score_responses,

@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 import sys
+from pathlib import Path
 from typing import Any, Literal
 
 import dagster as dg
@@ -16,10 +17,12 @@ from distill_pipeline.defs.splits.assets import current_test_sets, test_sets, tr
 from distill_pipeline.defs.students.resources import GPU_POOL, K8S_GPU_OP_TAGS, TrainerResource
 from distill_pipeline.devices import claim_gpu, device_env
 from distill_pipeline.evaluation import comparison_report
+from distill_pipeline.gold import GoldTableError, read_gold_labels
 from distill_pipeline.layout import (
     ABLATION_PREFIX,
     CHAMPION_CURRENT,
     EVAL_REPORTS_ROOT,
+    GOLD_LABELS,
     adapter_prefix,
     champion_history_key,
     eval_report_prefix,
@@ -34,6 +37,7 @@ from distill_pipeline.students import (
     TEACHER,
     TFIDF,
     TRAINER_MODULE,
+    LabelledTexts,
     build_train_spec,
     current_adapter,
     evaluate_on_test_sets,
@@ -54,6 +58,7 @@ from distill_pipeline.students import (
     speed_markdown,
     student_predictor,
     train_id,
+    with_gold,
 )
 from distill_pipeline.tables import fetch_table, published_partitions, read_manifest
 
@@ -266,10 +271,7 @@ def eval_report(context: dg.AssetExecutionContext, store: StoreResource, task: T
     with scratch_dir(context) as scratch:
         adapter_dir = fetch_adapter(object_store, adapter["prefix"], scratch / "student")
         train = read_labelled(fetch_table(object_store, train_set_prefix(size), "train.parquet", scratch), "train")
-        tests = [
-            read_labelled(fetch_table(object_store, pointer["prefix"], f"{name}.parquet", scratch), name)
-            for name in TEST_SETS
-        ]
+        tests = frozen_test_sets(object_store, pointer, scratch)
         student = load_adapter_student(adapter_dir, log=context.log.info)
         report = evaluate_on_test_sets(loaded, student_predictor(student), train, tests, log=context.log.info)
     report |= {
@@ -537,6 +539,24 @@ def champion(
     )
 
 
+def frozen_test_sets(store: ObjectStore, pointer: dict[str, Any], scratch: Path) -> list[LabelledTexts]:
+    """The frozen test sets in use, with the gold labels the store's gold table gives their rows."""
+    gold: dict[str, int] = {}
+    try:
+        store.get_file(GOLD_LABELS, scratch / "gold.parquet")
+    except ObjectNotFound:
+        pass
+    else:
+        try:
+            gold = read_gold_labels(scratch / "gold.parquet")
+        except GoldTableError as exc:
+            raise dg.Failure(f"the gold table {GOLD_LABELS} cannot be used: {exc}") from exc
+    return [
+        with_gold(read_labelled(fetch_table(store, pointer["prefix"], f"{name}.parquet", scratch), name), gold)
+        for name in TEST_SETS
+    ]
+
+
 def _read_champion(store: ObjectStore) -> dict[str, Any] | None:
     try:
         return json.loads(store.get_bytes(CHAMPION_CURRENT))
@@ -564,9 +584,7 @@ def _champion_scores(
     pointer = current_test_sets(store)
     with scratch_dir(context) as scratch:
         adapter_dir = fetch_adapter(store, current["adapter_prefix"], scratch / "champion")
-        tests = [
-            read_labelled(fetch_table(store, pointer["prefix"], f"{name}.parquet", scratch), name) for name in TEST_SETS
-        ]
+        tests = frozen_test_sets(store, pointer, scratch)
         student = student_predictor(load_adapter_student(adapter_dir, log=context.log.info))
         return score_student(task.load(), student, tests)
 
