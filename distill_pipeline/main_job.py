@@ -321,7 +321,7 @@ def results_tables(store: Any) -> str:
     ]
     gold = {name: entry["vs_gold"] for name, entry in shown["test_sets"].items() if entry.get("vs_gold")}
     if gold:
-        parts += ["#### Against gold (human) labels", comparison_report(gold)]
+        parts += [f"### Against gold (human) labels: the {title}, {shown['size']}", comparison_report(gold)]
     if ablation is not None:
         gains = ", ".join(f"{name} {gain:+.2f} points" for name, gain in ablation["doubling_gain_points"].items())
         parts += ["### Ablation", ablation["recommendation"] + (f" Doubling gain: {gains}." if gains else "")]
