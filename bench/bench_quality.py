@@ -6,11 +6,12 @@ pipeline runs on them, as a user runs it: ``distill-pipeline import --preset jig
 ``distill-pipeline demo --no-simulate`` (ingest, labels, curation, frozen test sets, training
 sets by size, a LoRA student per size, evaluation reports, the ablation and the promotion gate).
 
-The pipeline never sees a human label. Afterwards this script joins the human (gold) ``is_bad``
-labels onto the pipeline's own frozen test sets and scores, on the same rows: GPT-4 (its logged
-answers, i.e. the test labels), each size's student with its calibrated decision threshold, the
-same student at argmax (threshold 0.5, the calibration lever measured in the same run), and the
-TF-IDF + logistic-regression baseline from the evaluation reports' training data.
+Training never sees a human label: the human (gold) ``is_bad`` labels go in only as the store's
+gold table (``distill-pipeline gold``), which evaluation alone reads. Afterwards this script joins
+the gold labels onto the pipeline's own frozen test sets itself and scores, on the same rows:
+GPT-4 (its logged answers, i.e. the test labels), each size's student with its calibrated
+decision threshold and the same student at argmax (threshold 0.5, the calibration lever measured
+in the same run); it checks that the evaluation reports' own gold scores agree with its own.
 
     python bench/bench_quality.py                           # sizes 10%, 25%, 50%, 100%
     python bench/bench_quality.py --sizes 100% --keep out/  # one size, keep the store
@@ -67,6 +68,7 @@ def gpt4_logs(source: Path, folder: Path) -> tuple[Path, dict[str, int]]:
     path = folder / "gpt4_simple_prompt.parquet"
     pq.write_table(rows, path)
     gold = dict(zip(rows["comment_text"].to_pylist(), rows["is_bad"].to_pylist(), strict=True))
+    pq.write_table(rows.select(["comment_text", "is_bad"]), folder / "gold.parquet")
     return path, gold
 
 
@@ -117,6 +119,8 @@ def main() -> int:
     started = time.perf_counter()
     common = [executable, "--task", str(task), "--store", str(store_dir)]
     run([*common, "import", str(logs), "--preset", "jigsaw", "--day", today], env, root)
+    gold_table = str(root / "gold.parquet")
+    run([*common, "gold", gold_table, "--text-column", "comment_text", "--label-column", "is_bad"], env, root)
     run([*common, "demo", "--days", "1", "--no-simulate"], env, root)
     pipeline_seconds = time.perf_counter() - started
 
@@ -162,6 +166,14 @@ def main() -> int:
                 calibrated_row.append(f"{calibrated:.4f}")
                 argmax_row.append(f"{argmax:.4f}")
                 beats[(size_key, name)] = calibrated > accuracy(tests[name][2], gold)
+                # The pipeline's own evaluation, from the gold table, must say the same.
+                vs_gold = report["test_sets"][name]["vs_gold"]
+                reported = (vs_gold["student"]["accuracy"], vs_gold["teacher"]["accuracy"])
+                expected = (calibrated, accuracy(tests[name][2], gold))
+                if not np.allclose(reported, expected):
+                    raise SystemExit(
+                        f"{size_key} {name}: eval_report says {reported} against gold, this script {expected}"
+                    )
             threshold = student.decision.threshold if student.decision else 0.5
             calibrated_row[0] += f" t={threshold:.3f}"
         rows += [calibrated_row, argmax_row]
@@ -189,6 +201,7 @@ def main() -> int:
         print("Champion: none promoted")
     both = [size for size, _, _ in reports if all(beats[(size, name)] for name in TEST_SETS)]
     print(f"\nStudents beating GPT-4 on both test sets (calibrated): {', '.join(both) or 'none'}")
+    print("The evaluation reports' scores against the gold table agree with this script's own join.")
     print(f"store kept in {root}" if args.keep else "")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
