@@ -212,21 +212,35 @@ def _fake_adapter(store: LocalStore, size: str, train: str, tmp_path: Path) -> s
 
 
 def _fake_report(
-    store: LocalStore, size: str, train: str, rows: int, student: tuple[float, float], tmp_path: Path
+    store: LocalStore,
+    size: str,
+    train: str,
+    rows: int,
+    student: tuple[float, float],
+    tmp_path: Path,
+    gold: tuple[tuple[float, float], tuple[float, float]] | None = None,
 ) -> None:
+    """An evaluation report; ``gold``: the student's and the teacher's accuracy against gold labels."""
     prefix = _fake_adapter(store, size, train, tmp_path)
     test_sets = {}
     for index, name in enumerate(("in_distribution", "balanced")):
+        vs_gold = None
+        if gold is not None:
+            vs_gold = {
+                "student": {"accuracy": gold[0][index]},
+                "teacher": {"accuracy": gold[1][index]},
+                "majority": {"accuracy": 0.5},
+            }
         test_sets[name] = {
             "rows": 100,
-            "has_gold": False,
+            "has_gold": gold is not None,
             "vs_teacher": {
                 "student": {"accuracy": student[index]},
                 "majority": {"accuracy": 0.5},
                 "tfidf_logreg": {"accuracy": 0.7},
                 "teacher": {"agreement": 1.0},
             },
-            "vs_gold": None,
+            "vs_gold": vs_gold,
         }
     report = {
         "size": size,
@@ -289,6 +303,12 @@ def test_the_champion_gate_promotes_keeps_and_rejects(local_store: LocalStore, t
         assert not teacher.success and _checks(teacher)["promotion_gate"] is False
         assert "gold labels" in _metadata(teacher, "champion")["reasons"]
         assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["train_id"] == "dddd"
+
+        # With gold labels, a student that beats the teacher against them on both sets is promoted.
+        _fake_report(local_store, "75pct", "ffff", 750, (0.97, 0.9), tmp_path, gold=((0.95, 0.92), (0.92, 0.88)))
+        over_teacher = _materialize_champion(local_store, task, instance, compare_to="teacher")
+        assert over_teacher.success and _checks(over_teacher)["promotion_gate"] is True
+        assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["train_id"] == "ffff"
 
 
 # ---- training and evaluation through Dagster, and the predict command, on a tiny data set
