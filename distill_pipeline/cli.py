@@ -248,7 +248,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    return args.run(args)
+    try:
+        return args.run(args)
+    except FileNotFoundError as exc:
+        # A mistyped path is the user's to fix, not a crash to read a traceback of.
+        print(f"distill-pipeline: {exc}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -117,6 +117,12 @@ def test_the_gold_command_refuses_a_table_with_unknown_labels_and_writes_nothing
     assert not (store.root / GOLD_LABELS).exists()
 
 
+def test_a_missing_file_is_an_error_message_not_a_traceback(tmp_path: Path, capsys):
+    assert main(["--store", str(tmp_path / "store"), "gold", str(tmp_path / "nope.csv")]) == 2
+    error = capsys.readouterr().err
+    assert error.startswith("distill-pipeline: ") and "nope.csv" in error and "Traceback" not in error
+
+
 def test_gold_labels_by_name_or_value():
     table = pa.table({"input": ["a", "b", "c"], "gold_label": ["Toxic", "1.0", "0"]})
     assert gold_table_from(table, LABEL).column("gold_label").to_pylist() == [1, 1, 0]
