@@ -258,7 +258,7 @@ def test_code_location_loads_without_heavy_imports() -> None:
     data_plane = ["curated_examples", "raw_logs", "teacher_labels", "teacher_logs", "test_sets", "train_sets"]
     students = ["ablation_report", "champion", "eval_report", "lora_adapter"]
     monitoring = ["drift_report"]
-    teachers = ["synthetic_examples", "teacher_eval"]
+    teachers = ["label_ledger", "synthetic_examples", "teacher_eval"]
     assert output[0] == str(sorted(data_plane + students + monitoring + teachers))
     assert output[1] == "[]"
 

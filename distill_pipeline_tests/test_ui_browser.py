@@ -103,6 +103,8 @@ def test_asset_graph_launch_from_the_ui_and_report_metadata(tmp_path: Path, brow
     env = {"DISTILL_STORE": str(store.root), "DISTILL_TASK": str(task_dir), "DISTILL_FIRST_DAY": utc_days_back(7)[0]}
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     with running_dagster_dev(tmp_path, env) as dev:
+        # The community dialog of a first visit would cover the page at a random moment.
+        assert dev.graphql("mutation { setNuxSeen }")["setNuxSeen"] is True
         _prepare_two_days(dev, store, task_dir, days)
 
         # The asset graph of the ingestion group, with the sensors' materialisations on it.
