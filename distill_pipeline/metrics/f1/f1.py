@@ -23,23 +23,7 @@ class F1(evaluate.Metric):
             "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.f1_score.html",
         )
 
-    def _compute(
-        self,
-        predictions,
-        references,
-        labels=None,
-        pos_label=1,
-        average="binary",
-        sample_weight=None,
-        zero_division="warn",
-    ):
-        score = f1_score(
-            references,
-            predictions,
-            labels=labels,
-            pos_label=pos_label,
-            average=average,
-            sample_weight=sample_weight,
-            zero_division=zero_division,
-        )
-        return {"f1": json_ready(score)}
+    def _compute(self, predictions, references, **options):
+        # The options are f1_score's own (labels, pos_label, average, sample_weight, zero_division),
+        # with its defaults, which are the hub module's; a misspelt one is refused by scikit-learn.
+        return {"f1": json_ready(f1_score(references, predictions, **options))}

@@ -23,23 +23,7 @@ class Precision(evaluate.Metric):
             "https://scikit-learn.org/stable/modules/generated/sklearn.metrics.precision_score.html",
         )
 
-    def _compute(
-        self,
-        predictions,
-        references,
-        labels=None,
-        pos_label=1,
-        average="binary",
-        sample_weight=None,
-        zero_division="warn",
-    ):
-        score = precision_score(
-            references,
-            predictions,
-            labels=labels,
-            pos_label=pos_label,
-            average=average,
-            sample_weight=sample_weight,
-            zero_division=zero_division,
-        )
-        return {"precision": json_ready(score)}
+    def _compute(self, predictions, references, **options):
+        # The options are precision_score's own (labels, pos_label, average, sample_weight, zero_division),
+        # with its defaults, which are the hub module's; a misspelt one is refused by scikit-learn.
+        return {"precision": json_ready(precision_score(references, predictions, **options))}
