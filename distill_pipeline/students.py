@@ -13,7 +13,6 @@ import dataclasses
 import hashlib
 import json
 import math
-import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -37,7 +36,7 @@ from distill_pipeline.evaluation import (
 )
 from distill_pipeline.layout import CHAMPION_CURRENT, MANIFEST, adapter_pointer
 from distill_pipeline.reporting import markdown_table
-from distill_pipeline.store import ObjectNotFound, ObjectStore
+from distill_pipeline.store import ObjectNotFound, ObjectStore, atomic_file
 from distill_pipeline.tables import file_sha256, publish_table, read_manifest
 from distill_pipeline.task import Task
 from distill_pipeline.trainer.spec import TrainSpec
@@ -249,15 +248,8 @@ def predict_table(
         if column in table.column_names:
             table = table.drop_columns([column])
         table = table.append_column(column, values)
-    output_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=output_path.parent, prefix=".tmp-", suffix=".parquet")
-    os.close(fd)
-    try:
-        pq.write_table(table, tmp)
-        os.replace(tmp, output_path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_file(output_path) as handle:
+        pq.write_table(table, handle)
     return table.num_rows
 
 
