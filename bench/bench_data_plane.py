@@ -114,7 +114,7 @@ def dedup_config(task: Any) -> Any:
 
 
 def log_keys(store: Any) -> list[str]:
-    from distill_pipeline.logschema import log_object_prefix
+    from distill_pipeline.logs.schema import log_object_prefix
 
     return sorted(info.key for info in store.list(log_object_prefix(DAY)))
 
@@ -123,12 +123,12 @@ def log_keys(store: Any) -> list[str]:
 
 
 def run_pipeline(data_dir: Path, work: Path, *, near_dup: bool) -> dict[str, Any]:
-    from distill_pipeline.curation import curate
-    from distill_pipeline.ingest import ingest_objects
-    from distill_pipeline.labels import label_records
-    from distill_pipeline.splitting import TrainSize, build_test_sets, build_train_set
-    from distill_pipeline.store import LocalStore
-    from distill_pipeline.task import load_task
+    from distill_pipeline.core.store import LocalStore
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.data.curation import curate
+    from distill_pipeline.data.ingest import ingest_objects
+    from distill_pipeline.data.labels import label_records
+    from distill_pipeline.data.splitting import TrainSize, build_test_sets, build_train_set
 
     task = load_task()
     store = LocalStore(data_dir / "store")
@@ -224,7 +224,7 @@ def _python_type_ok(value: Any, json_type: str) -> bool:
 def validate_record(obj: Any, max_request_id_chars: int) -> str | None:
     import datetime as dt
 
-    from distill_pipeline.logschema import SCHEMA_FIELDS, SUPPORTED_SCHEMA_VERSIONS
+    from distill_pipeline.logs.schema import SCHEMA_FIELDS, SUPPORTED_SCHEMA_VERSIONS
 
     if not isinstance(obj, dict):
         return "not a JSON object"
@@ -257,11 +257,11 @@ def run_pandas(data_dir: Path, work: Path) -> dict[str, Any]:
 
     import pandas as pd
 
-    from distill_pipeline.ingest import DEFAULT_MAX_LINE_BYTES
-    from distill_pipeline.logschema import MAX_REQUEST_ID_CHARS
-    from distill_pipeline.parsing import parse_label
-    from distill_pipeline.store import LocalStore
-    from distill_pipeline.task import load_task
+    from distill_pipeline.core.store import LocalStore
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.data.ingest import DEFAULT_MAX_LINE_BYTES
+    from distill_pipeline.data.parsing import parse_label
+    from distill_pipeline.logs.schema import MAX_REQUEST_ID_CHARS
 
     task = load_task()
     config = dedup_config(task)
@@ -433,9 +433,9 @@ class Variant:
 
 def simulate(size: int, data_dir: Path) -> dict[str, Any]:
     """Write one day of ``size`` simulated log lines into a local store (not timed)."""
-    from distill_pipeline.simulator import simulate_traffic
-    from distill_pipeline.store import LocalStore
-    from distill_pipeline.task import load_task
+    from distill_pipeline.core.store import LocalStore
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.demo.simulator import simulate_traffic
 
     store = LocalStore(data_dir / "store")
     summary = simulate_traffic(store, days=[DAY], records_per_day=size, seed=SIM_SEED, task=load_task())

@@ -39,19 +39,16 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill_pipeline.ablation import TEST_SETS
-from distill_pipeline.layout import ABLATION_PREFIX, CHAMPION_CURRENT, TEST_SETS_CURRENT, eval_report_prefix
-from distill_pipeline.reporting import markdown_table
-from distill_pipeline.splitting import TrainSize
-from distill_pipeline.store import LocalStore, ObjectNotFound
-from distill_pipeline.students import (
-    TEXT_COLUMN,
-    current_adapter,
-    fetch_adapter,
-    load_adapter_student,
-    read_report,
-)
-from distill_pipeline.task import BUILTIN_TASKS_DIR
+from distill_pipeline.core.layout import ABLATION_PREFIX, CHAMPION_CURRENT, TEST_SETS_CURRENT, eval_report_prefix
+from distill_pipeline.core.reporting import markdown_table
+from distill_pipeline.core.store import LocalStore, ObjectNotFound
+from distill_pipeline.core.task import BUILTIN_TASKS_DIR
+from distill_pipeline.data.splitting import TrainSize
+from distill_pipeline.students.ablation import TEST_SETS
+from distill_pipeline.students.adapters import current_adapter, fetch_adapter
+from distill_pipeline.students.predict import load_adapter_student
+from distill_pipeline.students.reports import read_report
+from distill_pipeline.students.specs import TEXT_COLUMN
 
 SHARED_JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
 TEACHER = ("gpt-4-1106-preview", "simple_prompt")

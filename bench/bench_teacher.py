@@ -38,10 +38,10 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from distill_pipeline.ledger import Ledger
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import load_task
-from distill_pipeline.teacher import ClientSettings, TeacherClient, TeacherSpec, render_messages
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import load_task
+from distill_pipeline.teachers.client import ClientSettings, TeacherClient, TeacherSpec, render_messages
+from distill_pipeline.teachers.ledger import Ledger
 from distill_pipeline_tests.openai_server import control, running_server, server_stats
 
 RESULTS = Path(__file__).parent / "results" / "teacher.md"

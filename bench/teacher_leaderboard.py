@@ -35,11 +35,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import duckdb
 
-from distill_pipeline.ledger import Ledger
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import load_task
-from distill_pipeline.teacher import ClientSettings, TeacherClient, TeacherSpec
-from distill_pipeline.teacher_eval import ConfigScore, GoldSet, evaluate_teachers, rank, score_responses
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import load_task
+from distill_pipeline.teachers.client import ClientSettings, TeacherClient, TeacherSpec
+from distill_pipeline.teachers.evaluation import ConfigScore, GoldSet, evaluate_teachers, rank, score_responses
+from distill_pipeline.teachers.ledger import Ledger
 from distill_pipeline_tests.openai_server import running_server
 
 JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"

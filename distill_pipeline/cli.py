@@ -10,8 +10,10 @@ from collections.abc import Sequence
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from distill_pipeline.devices import visible_gpus
-    from distill_pipeline.main_job import (
+    from distill_pipeline.core.store import open_store
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.data.splitting import TrainSize
+    from distill_pipeline.demo.main_job import (
         StageFailed,
         plan_data_stages,
         plan_student_stages,
@@ -21,10 +23,8 @@ def _demo(args: argparse.Namespace) -> int:
         run_steps,
         summary_table,
     )
-    from distill_pipeline.simulator import simulate_traffic
-    from distill_pipeline.splitting import TrainSize
-    from distill_pipeline.store import open_store
-    from distill_pipeline.task import load_task
+    from distill_pipeline.demo.simulator import simulate_traffic
+    from distill_pipeline.students.devices import visible_gpus
 
     started = time.perf_counter()
     home = prepare_dagster_home(args.dagster_home)
@@ -75,10 +75,10 @@ def _demo(args: argparse.Namespace) -> int:
 
 
 def _simulate(args: argparse.Namespace) -> int:
-    from distill_pipeline.main_job import recent_days
-    from distill_pipeline.simulator import simulate_traffic
-    from distill_pipeline.store import open_store
-    from distill_pipeline.task import load_task
+    from distill_pipeline.core.store import open_store
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.demo.main_job import recent_days
+    from distill_pipeline.demo.simulator import simulate_traffic
 
     days = args.day or recent_days(args.days)
     summary = simulate_traffic(
@@ -96,9 +96,9 @@ def _simulate(args: argparse.Namespace) -> int:
 
 
 def _import(args: argparse.Namespace) -> int:
-    from distill_pipeline.importer import ColumnMapping, import_table, jigsaw_mapping
-    from distill_pipeline.store import open_store
-    from distill_pipeline.task import load_task
+    from distill_pipeline.core.store import open_store
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.logs.importer import ColumnMapping, import_table, jigsaw_mapping
 
     if args.preset == "jigsaw":
         mapping = jigsaw_mapping()
@@ -123,11 +123,11 @@ def _gold(args: argparse.Namespace) -> int:
 
     import pyarrow.parquet as pq
 
-    from distill_pipeline.gold import GoldTableError, gold_table_from
-    from distill_pipeline.importer import read_source_table
-    from distill_pipeline.layout import GOLD_LABELS
-    from distill_pipeline.store import open_store
-    from distill_pipeline.task import load_task
+    from distill_pipeline.core.layout import GOLD_LABELS
+    from distill_pipeline.core.store import open_store
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.data.gold import GoldTableError, gold_table_from
+    from distill_pipeline.logs.importer import read_source_table
 
     task = load_task(args.task)
     try:
@@ -156,8 +156,9 @@ def _predict(args: argparse.Namespace) -> int:
     import tempfile
     from pathlib import Path
 
-    from distill_pipeline.store import open_store
-    from distill_pipeline.students import load_adapter_student, predict_table, resolve_adapter, student_predictor
+    from distill_pipeline.core.store import open_store
+    from distill_pipeline.students.adapters import resolve_adapter
+    from distill_pipeline.students.predict import load_adapter_student, predict_table, student_predictor
 
     with tempfile.TemporaryDirectory(prefix="distill-predict-") as directory:
         local = Path(args.adapter).expanduser()

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_pipeline.store import LocalStore, ObjectStore, S3Store, make_s3_client, open_store
+from distill_pipeline.core.store import LocalStore, ObjectStore, S3Store, make_s3_client, open_store
 
 # Tests never reach the network. DAGSTER_HOME is deliberately left alone: tests that need an
 # instance make a temporary one.

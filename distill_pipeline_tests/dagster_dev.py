@@ -25,8 +25,8 @@ from typing import Any, TypeVar
 
 import psutil
 
-from distill_pipeline.main_job import prepare_dagster_home
-from distill_pipeline.task import BUILTIN_TASKS_DIR
+from distill_pipeline.core.task import BUILTIN_TASKS_DIR
+from distill_pipeline.demo.main_job import prepare_dagster_home
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 START_TIMEOUT_S = 180.0

@@ -7,8 +7,8 @@ import base64
 import numpy as np
 import pytest
 
-from distill_pipeline import ablation
-from distill_pipeline.ablation import analyse_ablation, fit_learning_curve, recommendation
+from distill_pipeline.students import ablation
+from distill_pipeline.students.ablation import analyse_ablation, fit_learning_curve, recommendation
 
 SIZES = [500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000]
 

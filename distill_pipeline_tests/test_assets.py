@@ -13,16 +13,18 @@ import dagster as dg
 import duckdb
 import pytest
 
-from distill_pipeline.defs.curation.assets import curated_examples
-from distill_pipeline.defs.ingest.assets import raw_logs, teacher_labels, teacher_logs
-from distill_pipeline.defs.resources import StoreResource, TaskResource
-from distill_pipeline.defs.splits import assets as split_assets
+from distill_pipeline.core.layout import CURATED_PREFIX, TEST_SETS_CURRENT, raw_logs_prefix, train_set_prefix
+from distill_pipeline.core.store import LocalStore, ObjectStore, S3Store
+from distill_pipeline.core.tables import read_manifest
+from distill_pipeline.core.task import BUILTIN_TASKS_DIR, Task, load_task
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data import splits as split_assets
+from distill_pipeline.defs.data.curation import curated_examples
+from distill_pipeline.defs.data.ingest import raw_logs
+from distill_pipeline.defs.logs.assets import teacher_logs
+from distill_pipeline.defs.teachers.labelling import teacher_labels
 from distill_pipeline.defs.teachers.resources import TeacherResource
-from distill_pipeline.layout import CURATED_PREFIX, TEST_SETS_CURRENT, raw_logs_prefix, train_set_prefix
-from distill_pipeline.simulator import simulate_traffic
-from distill_pipeline.store import LocalStore, ObjectStore, S3Store
-from distill_pipeline.tables import read_manifest
-from distill_pipeline.task import BUILTIN_TASKS_DIR, Task, load_task
+from distill_pipeline.demo.simulator import simulate_traffic
 
 # Imported through the module: pytest would try to collect an asset named test_sets.
 ASSETS = [teacher_logs, raw_logs, teacher_labels, curated_examples, split_assets.test_sets, split_assets.train_sets]
@@ -104,7 +106,7 @@ def _run_data_plane(store: ObjectStore, task: Task, instance: dg.DagsterInstance
         assert result.success
         seen[asset] = _metadata(result, asset)
     for size in task.splits.train_sizes:
-        from distill_pipeline.splitting import TrainSize
+        from distill_pipeline.data.splitting import TrainSize
 
         key = TrainSize.parse(size).key
         result = _materialize("train_sets", store, task, instance, key)
@@ -272,7 +274,7 @@ SHARED_JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsa
 def test_real_teacher_answers_flow_through_import_ingest_and_labelling(
     local_store: LocalStore, instance: dg.DagsterInstance
 ) -> None:
-    from distill_pipeline.importer import import_table, jigsaw_mapping
+    from distill_pipeline.logs.importer import import_table, jigsaw_mapping
 
     task = load_task()
     source = SHARED_JIGSAW / "teacher_responses.parquet"

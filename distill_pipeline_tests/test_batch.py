@@ -6,11 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from distill_pipeline.batch import BatchJob, BatchLabeller
-from distill_pipeline.ledger import Ledger
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import load_task
-from distill_pipeline.teacher import (
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import load_task
+from distill_pipeline.teachers.batch import BatchJob, BatchLabeller
+from distill_pipeline.teachers.client import (
     BudgetExceeded,
     ClientSettings,
     Price,
@@ -18,6 +17,7 @@ from distill_pipeline.teacher import (
     TeacherConfigError,
     TeacherSpec,
 )
+from distill_pipeline.teachers.ledger import Ledger
 from distill_pipeline_tests.openai_server import control, server_stats
 
 SPEC = TeacherSpec("openai/gpt-4o-mini", max_tokens=32)

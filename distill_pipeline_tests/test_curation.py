@@ -10,8 +10,8 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill_pipeline.curation import CurationStats, curate
-from distill_pipeline.task import CurationConfig
+from distill_pipeline.core.task import CurationConfig
+from distill_pipeline.data.curation import CurationStats, curate
 
 T0 = dt.datetime(2026, 3, 4, 8, 0, tzinfo=dt.UTC)
 

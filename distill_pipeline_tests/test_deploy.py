@@ -34,7 +34,7 @@ from dagster._core.instance.config import dagster_instance_config
 from dagster._serdes.config_class import class_from_code_pointer
 
 from distill_pipeline.defs.students import launchers
-from distill_pipeline.defs.students.resources import K8S_GPU_OP_TAGS
+from distill_pipeline.defs.students.launchers import K8S_GPU_OP_TAGS
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"

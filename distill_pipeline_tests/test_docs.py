@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from distill_pipeline.logschema import SCHEMA_FIELDS
+from distill_pipeline.logs.schema import SCHEMA_FIELDS
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 

@@ -10,11 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline import drift
-from distill_pipeline.freshness import log_day, scan_for_fresh_days
-from distill_pipeline.simulator import TrafficProfile, generate_traffic
-from distill_pipeline.store import ObjectInfo
-from distill_pipeline.task import MonitoringConfig, TaskConfigError, load_task
+from distill_pipeline.core.store import ObjectInfo
+from distill_pipeline.core.task import MonitoringConfig, TaskConfigError, load_task
+from distill_pipeline.demo.simulator import TrafficProfile, generate_traffic
+from distill_pipeline.logs.freshness import log_day, scan_for_fresh_days
+from distill_pipeline.monitoring import drift
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from distill_pipeline.evaluation import (
+from distill_pipeline.students.evaluation import (
     Predictions,
     agreement,
     comparison_report,
@@ -24,7 +24,7 @@ from distill_pipeline.evaluation import (
     mistakes_table,
     tfidf_logreg_baseline,
 )
-from distill_pipeline.metrics import LOCAL_METRICS
+from distill_pipeline.students.metrics import LOCAL_METRICS
 
 # Worked by hand. Positive label 1: TP = rows 0-2, FN = row 3, FP = rows 4-5, TN = rows 6-9.
 GOLD = [1, 1, 1, 1, 0, 0, 0, 0, 0, 0]
@@ -36,8 +36,8 @@ def test_metrics_load_offline_from_a_fresh_cache(tmp_path: Path) -> None:
     script = textwrap.dedent(
         """
         import sys
-        from distill_pipeline.evaluation import load_metric
-        from distill_pipeline.metrics import LOCAL_METRICS
+        from distill_pipeline.students.evaluation import load_metric
+        from distill_pipeline.students.metrics import LOCAL_METRICS
         for name in LOCAL_METRICS:
             print(sys.modules[type(load_metric(name)).__module__].__file__)
         print(load_metric("accuracy").compute(predictions=[1, 0, 1], references=[1, 1, 1])["accuracy"])

@@ -9,16 +9,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.importer import (
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import load_task
+from distill_pipeline.logs.importer import (
     ColumnMapping,
     ImportMappingError,
     import_table,
     jigsaw_mapping,
     object_payloads,
 )
-from distill_pipeline.logschema import LOG_PREFIX, SCHEMA_FIELDS, encode_log_object
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import load_task
+from distill_pipeline.logs.schema import LOG_PREFIX, SCHEMA_FIELDS, encode_log_object
 
 JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
 TEACHER_RESPONSES = JIGSAW / "teacher_responses.parquet"

@@ -15,9 +15,9 @@ from typing import Any
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.ingest import DEFAULT_MAX_LINE_BYTES, EXCERPT_CHARS, IngestStats, ingest_objects
-from distill_pipeline.logschema import MAX_REQUEST_ID_CHARS
-from distill_pipeline.store import ObjectStore
+from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.data.ingest import DEFAULT_MAX_LINE_BYTES, EXCERPT_CHARS, IngestStats, ingest_objects
+from distill_pipeline.logs.schema import MAX_REQUEST_ID_CHARS
 
 DAY = "2026-03-04"
 
@@ -430,8 +430,8 @@ def test_ingest_from_s3_matches_local(s3_store, local_store, tmp_path):
 
 
 def test_simulated_faults_are_all_accounted_for(local_store, tmp_path):
-    from distill_pipeline.simulator import TrafficProfile, simulate_traffic
-    from distill_pipeline.task import load_task
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.demo.simulator import TrafficProfile, simulate_traffic
 
     summary = simulate_traffic(
         local_store,

@@ -11,10 +11,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline import labels as labels_module
-from distill_pipeline import parsing
-from distill_pipeline.labels import LABEL_COLUMNS, REASON_CHARS, LabelStats, label_records
-from distill_pipeline.task import load_task
+from distill_pipeline.core.task import load_task
+from distill_pipeline.data import labels as labels_module
+from distill_pipeline.data import parsing
+from distill_pipeline.data.labels import LABEL_COLUMNS, REASON_CHARS, LabelStats, label_records
 
 TOXICITY = load_task("toxicity")
 T0 = dt.datetime(2026, 3, 4, 12, 0, tzinfo=dt.UTC)

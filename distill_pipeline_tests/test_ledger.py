@@ -9,9 +9,10 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from distill_pipeline.defs.resources import StoreResource
+from distill_pipeline.core.store import LocalStore, ObjectStore
+from distill_pipeline.defs.core.resources import StoreResource
 from distill_pipeline.defs.teachers.ledger import label_ledger
-from distill_pipeline.ledger import (
+from distill_pipeline.teachers.ledger import (
     LEDGER_SEGMENTS,
     Ledger,
     LedgerCorrupt,
@@ -21,7 +22,6 @@ from distill_pipeline.ledger import (
     load_entries,
     utc_now,
 )
-from distill_pipeline.store import LocalStore, ObjectStore
 
 BASE = {
     "model": "openai/gpt-4o",
@@ -121,7 +121,7 @@ def test_earliest_answer_wins_when_two_runs_paid_for_one_key(tmp_path: Path):
 
 
 def test_segments_rotate(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    monkeypatch.setattr("distill_pipeline.ledger.SEGMENT_MAX_ENTRIES", 2)
+    monkeypatch.setattr("distill_pipeline.teachers.ledger.SEGMENT_MAX_ENTRIES", 2)
     store = LocalStore(tmp_path / "store")
     with Ledger.open(store, tmp_path / "j") as ledger:
         for i in range(5):

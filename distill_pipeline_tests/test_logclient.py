@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from distill_pipeline.logclient import LogFlushError, LoggerClosed, LogQueueFull, TeacherLogger
-from distill_pipeline.logschema import LOG_PREFIX, LogRecord
-from distill_pipeline.store import LocalStore, ObjectInfo, ObjectStore, S3Store
+from distill_pipeline.core.store import LocalStore, ObjectInfo, ObjectStore, S3Store
+from distill_pipeline.logs.client import LogFlushError, LoggerClosed, LogQueueFull, TeacherLogger
+from distill_pipeline.logs.schema import LOG_PREFIX, LogRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -371,9 +371,9 @@ def test_unclosed_logger_is_flushed_at_interpreter_exit(tmp_path: Path) -> None:
     store_dir = tmp_path / "store"
     script = textwrap.dedent(
         f"""
-        from distill_pipeline.logclient import TeacherLogger
-        from distill_pipeline.logschema import LogRecord
-        from distill_pipeline.store import LocalStore
+        from distill_pipeline.logs.client import TeacherLogger
+        from distill_pipeline.logs.schema import LogRecord
+        from distill_pipeline.core.store import LocalStore
 
         logger = TeacherLogger(LocalStore({str(store_dir)!r}), writer_id="exiting", flush_interval_s=600)
         for i in range(3000):

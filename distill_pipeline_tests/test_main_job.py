@@ -12,8 +12,8 @@ import dagster as dg
 import duckdb
 import pytest
 
-from distill_pipeline.layout import ABLATION_PREFIX, CHAMPION_CURRENT, eval_report_prefix
-from distill_pipeline.main_job import recent_days
+from distill_pipeline.core.layout import ABLATION_PREFIX, CHAMPION_CURRENT, eval_report_prefix
+from distill_pipeline.demo.main_job import recent_days
 
 
 @pytest.mark.slow
@@ -58,7 +58,7 @@ def test_demo_materialises_every_data_stage_and_records_runs(tmp_path: Path) -> 
 
 def _tiny_task(folder: Path) -> Path:
     """The toxicity task with two training-set sizes, small test sets and a student that trains in seconds."""
-    from distill_pipeline.task import BUILTIN_TASKS_DIR
+    from distill_pipeline.core.task import BUILTIN_TASKS_DIR
 
     shutil.copytree(BUILTIN_TASKS_DIR / "toxicity", folder)
     text = (folder / "task.toml").read_text()

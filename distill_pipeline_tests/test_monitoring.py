@@ -12,22 +12,26 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from distill_pipeline import drift
+from distill_pipeline.core.layout import CHAMPION_CURRENT, drift_report_prefix
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import BUILTIN_TASKS_DIR, Task, load_task
 from distill_pipeline.definitions import defs as load_defs
-from distill_pipeline.defs.curation.assets import curated_examples
-from distill_pipeline.defs.ingest.assets import raw_logs, teacher_labels, teacher_logs
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data import splits as split_assets
+from distill_pipeline.defs.data.curation import curated_examples
+from distill_pipeline.defs.data.ingest import raw_logs
+from distill_pipeline.defs.logs.assets import teacher_logs
+from distill_pipeline.defs.logs.sensors import fresh_logs_sensor
 from distill_pipeline.defs.monitoring.assets import drift_report
 from distill_pipeline.defs.monitoring.jobs import DRIFT_SIGNAL_TAG, DRIFT_VALUE_TAG, TRIGGER_TAG, retrain_size_key
 from distill_pipeline.defs.monitoring.schedules import redistill_schedule
-from distill_pipeline.defs.monitoring.sensors import drift_retraining_sensor, fresh_logs_sensor
-from distill_pipeline.defs.resources import StoreResource, TaskResource
-from distill_pipeline.defs.splits import assets as split_assets
+from distill_pipeline.defs.monitoring.sensors import drift_retraining_sensor
 from distill_pipeline.defs.students.assets import lora_adapter
-from distill_pipeline.layout import CHAMPION_CURRENT, drift_report_prefix
-from distill_pipeline.simulator import TrafficProfile, simulate_traffic
-from distill_pipeline.store import LocalStore
-from distill_pipeline.students import current_adapter, read_report
-from distill_pipeline.task import BUILTIN_TASKS_DIR, Task, load_task
+from distill_pipeline.defs.teachers.labelling import teacher_labels
+from distill_pipeline.demo.simulator import TrafficProfile, simulate_traffic
+from distill_pipeline.monitoring import drift
+from distill_pipeline.students.adapters import current_adapter
+from distill_pipeline.students.reports import read_report
 
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
 DATA_ASSETS = [

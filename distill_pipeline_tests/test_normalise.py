@@ -7,9 +7,9 @@ import random
 import pyarrow as pa
 import pytest
 
-from distill_pipeline import duck
-from distill_pipeline.curation import normalised_text_sql
-from distill_pipeline.normalise import NORMALISE_ASCII_FUNCTION, normalise_ascii
+from distill_pipeline.core import duck
+from distill_pipeline.core.normalise import NORMALISE_ASCII_FUNCTION, normalise_ascii
+from distill_pipeline.data.curation import normalised_text_sql
 
 REGEX = "trim(regexp_replace(lower(text), '[^\\p{L}\\p{N}]+', ' ', 'g'))"
 

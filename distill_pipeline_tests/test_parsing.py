@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from distill_pipeline.parsing import (
+from distill_pipeline.core.task import LabelSpec, load_task
+from distill_pipeline.data.parsing import (
     MAX_STRUCTURED_CHARS,
     ParseMethod,
     ParseResult,
@@ -16,7 +17,6 @@ from distill_pipeline.parsing import (
     parse_label,
     parse_responses,
 )
-from distill_pipeline.task import LabelSpec, load_task
 
 JIGSAW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
 TEACHER_RESPONSES = JIGSAW_DIR / "teacher_responses.parquet"

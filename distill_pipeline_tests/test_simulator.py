@@ -13,17 +13,17 @@ import pyarrow.csv as pa_csv
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.layout import GOLD_LABELS
-from distill_pipeline.logschema import LOG_PREFIX, SCHEMA_FIELDS, log_object_prefix
-from distill_pipeline.simulator import (
+from distill_pipeline.core.layout import GOLD_LABELS
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import Task, load_task
+from distill_pipeline.demo.simulator import (
     MALFORMED_KINDS,
     RESPONSE_FORMATS,
     TrafficProfile,
     generate_traffic,
     simulate_traffic,
 )
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import Task, load_task
+from distill_pipeline.logs.schema import LOG_PREFIX, SCHEMA_FIELDS, log_object_prefix
 
 DAYS = ["2024-03-01", "2024-03-02"]
 RECORDS_PER_DAY = 10_000

@@ -12,7 +12,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.splitting import TrainSize, build_test_sets, build_train_set, find_leakage
+from distill_pipeline.data.splitting import TrainSize, build_test_sets, build_train_set, find_leakage
 
 T0 = dt.datetime(2026, 3, 4, 8, 0, tzinfo=dt.UTC)
 SCHEMA = pa.schema(

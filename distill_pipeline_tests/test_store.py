@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from distill_pipeline.store import (
+from distill_pipeline.core.store import (
     DEFAULT_LOCAL_STORE,
     LocalStore,
     ObjectNotFound,

@@ -13,16 +13,18 @@ import dagster as dg
 import pyarrow.parquet as pq
 import pytest
 
+from distill_pipeline.core.layout import CHAMPION_CURRENT, adapter_pointer, eval_report_prefix
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.tables import publish_table, read_manifest
+from distill_pipeline.core.task import BUILTIN_TASKS_DIR, Task, TaskConfigError, load_task
 from distill_pipeline.defs.students import assets as student_assets
-from distill_pipeline.defs.students.resources import K8S_GPU_OP_TAGS, TrainerResource
-from distill_pipeline.devices import claim_gpu, device_env, visible_gpus
-from distill_pipeline.layout import CHAMPION_CURRENT, adapter_pointer, eval_report_prefix
-from distill_pipeline.promotion import Candidate, best_candidate, decide_promotion
-from distill_pipeline.simulator import simulate_traffic
-from distill_pipeline.store import LocalStore
-from distill_pipeline.students import build_train_spec, publish_report, read_report, train_id
-from distill_pipeline.tables import publish_table, read_manifest
-from distill_pipeline.task import BUILTIN_TASKS_DIR, Task, TaskConfigError, load_task
+from distill_pipeline.defs.students.launchers import K8S_GPU_OP_TAGS
+from distill_pipeline.defs.students.resources import TrainerResource
+from distill_pipeline.demo.simulator import simulate_traffic
+from distill_pipeline.students.devices import claim_gpu, device_env, visible_gpus
+from distill_pipeline.students.promotion import Candidate, best_candidate, decide_promotion
+from distill_pipeline.students.reports import publish_report, read_report
+from distill_pipeline.students.specs import build_train_spec, train_id
 from distill_pipeline_tests.test_assets import ASSETS, _checks, _metadata, _resources
 
 STUDENT_ASSETS = [
@@ -459,8 +461,8 @@ def test_the_predict_command_labels_a_table_with_an_adapter_from_the_store_or_a_
 def test_gold_labels_score_every_model_and_the_teacher_on_the_rows_they_cover() -> None:
     import numpy as np
 
-    from distill_pipeline.evaluation import Predictions
-    from distill_pipeline.students import LabelledTexts, evaluate_on_test_sets, reference_note, with_gold
+    from distill_pipeline.students.evaluation import Predictions
+    from distill_pipeline.students.reports import LabelledTexts, evaluate_on_test_sets, reference_note, with_gold
 
     task = load_task("toxicity")
     answers = {"you idiot": 1, "get lost, moron": 1, "nice post": 0, "thanks a lot": 0, "idiotic idea": 0, "meh": 0}

@@ -10,14 +10,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.defs.curation.assets import curated_examples
-from distill_pipeline.defs.resources import StoreResource, TaskResource
+from distill_pipeline.core.layout import CURATED_PREFIX, SYNTHETIC_PREFIX
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.tables import publish_table
+from distill_pipeline.core.task import load_task
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data.curation import curated_examples
 from distill_pipeline.defs.teachers.assets import synthetic_examples
 from distill_pipeline.defs.teachers.resources import TeacherResource
-from distill_pipeline.layout import CURATED_PREFIX, SYNTHETIC_PREFIX
-from distill_pipeline.ledger import Ledger
-from distill_pipeline.store import LocalStore
-from distill_pipeline.synthetic import (
+from distill_pipeline.teachers.client import ClientSettings, TeacherClient, TeacherSpec
+from distill_pipeline.teachers.ledger import Ledger
+from distill_pipeline.teachers.synthetic import (
     Seed,
     distinct_bigram_ratio,
     jaccard,
@@ -26,9 +29,6 @@ from distill_pipeline.synthetic import (
     variations_for,
     words,
 )
-from distill_pipeline.tables import publish_table
-from distill_pipeline.task import load_task
-from distill_pipeline.teacher import ClientSettings, TeacherClient, TeacherSpec
 from distill_pipeline_tests.openai_server import control, server_stats
 
 TASK = load_task("toxicity")

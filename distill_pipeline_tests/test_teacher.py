@@ -18,10 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from distill_pipeline.ledger import Ledger
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import Task, load_task
-from distill_pipeline.teacher import (
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import Task, load_task
+from distill_pipeline.teachers.client import (
     BudgetExceeded,
     ClientSettings,
     Price,
@@ -31,6 +30,7 @@ from distill_pipeline.teacher import (
     TeacherConfigError,
     TeacherSpec,
 )
+from distill_pipeline.teachers.ledger import Ledger
 from distill_pipeline_tests.openai_server import INVALID_KEY, control, default_answer, server_stats
 
 MODEL = "openai/gpt-4o-mini"
@@ -195,10 +195,10 @@ _LABEL_SCRIPT = textwrap.dedent(
     """
     import json, sys
     from pathlib import Path
-    from distill_pipeline.ledger import Ledger
-    from distill_pipeline.store import LocalStore
-    from distill_pipeline.task import load_task
-    from distill_pipeline.teacher import ClientSettings, TeacherClient, TeacherSpec
+    from distill_pipeline.teachers.ledger import Ledger
+    from distill_pipeline.core.store import LocalStore
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.teachers.client import ClientSettings, TeacherClient, TeacherSpec
 
     url, root, texts = sys.argv[1], Path(sys.argv[2]), json.loads(sys.argv[3])
     ledger = Ledger.open(LocalStore(root / "store"), root / "journal", sync_every_s=3600)

@@ -10,14 +10,16 @@ import dagster as dg
 import duckdb
 import pytest
 
-from distill_pipeline.defs.ingest.assets import raw_logs, teacher_labels, teacher_logs
-from distill_pipeline.defs.resources import StoreResource, TaskResource
+from distill_pipeline.core.layout import teacher_labels_prefix
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import load_task
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data.ingest import raw_logs
+from distill_pipeline.defs.logs.assets import teacher_logs
+from distill_pipeline.defs.teachers.labelling import teacher_labels
 from distill_pipeline.defs.teachers.resources import TeacherPrice, TeacherResource
-from distill_pipeline.importer import ColumnMapping, import_table
-from distill_pipeline.layout import teacher_labels_prefix
-from distill_pipeline.logschema import LogRecord, encode_log_object, log_object_key
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import load_task
+from distill_pipeline.logs.importer import ColumnMapping, import_table
+from distill_pipeline.logs.schema import LogRecord, encode_log_object, log_object_key
 from distill_pipeline_tests.openai_server import control, server_stats
 
 DAY = "2026-03-05"

@@ -11,15 +11,15 @@ import pyarrow.parquet as pq
 import pytest
 
 from distill_pipeline.cli import main
-from distill_pipeline.defs.resources import StoreResource, TaskResource
-from distill_pipeline.defs.splits.assets import test_sets as frozen_test_sets
+from distill_pipeline.core.layout import GOLD_LABELS, TEACHER_EVAL_PREFIX
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.task import load_task
+from distill_pipeline.data.gold import GoldTableError, gold_table_from
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data.splits import test_sets as frozen_test_sets
 from distill_pipeline.defs.teachers.assets import teacher_eval
 from distill_pipeline.defs.teachers.resources import TeacherPrice, TeacherResource
-from distill_pipeline.gold import GoldTableError, gold_table_from
-from distill_pipeline.layout import GOLD_LABELS, TEACHER_EVAL_PREFIX
-from distill_pipeline.store import LocalStore
-from distill_pipeline.task import load_task
-from distill_pipeline.teacher_eval import (
+from distill_pipeline.teachers.evaluation import (
     ConfigScore,
     SetScore,
     load_gold_sets,

@@ -19,12 +19,12 @@ from selenium.webdriver.common.keys import Keys
 from selenium.webdriver.remote.webdriver import WebDriver
 from selenium.webdriver.support.ui import WebDriverWait
 
-from distill_pipeline.layout import CURATED_PREFIX, drift_report_prefix
-from distill_pipeline.simulator import TrafficProfile, simulate_traffic
-from distill_pipeline.store import LocalStore
-from distill_pipeline.students import read_report
-from distill_pipeline.tables import read_manifest
-from distill_pipeline.task import load_task
+from distill_pipeline.core.layout import CURATED_PREFIX, drift_report_prefix
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.tables import read_manifest
+from distill_pipeline.core.task import load_task
+from distill_pipeline.demo.simulator import TrafficProfile, simulate_traffic
+from distill_pipeline.students.reports import read_report
 from distill_pipeline_tests.dagster_dev import (
     REPO_ROOT,
     DagsterDev,

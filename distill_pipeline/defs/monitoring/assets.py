@@ -7,13 +7,7 @@ from typing import Any
 
 import dagster as dg
 
-from distill_pipeline import drift
-from distill_pipeline.defs.common import location, scratch_dir
-from distill_pipeline.defs.ingest.assets import raw_logs, teacher_labels
-from distill_pipeline.defs.monitoring.conditions import DRIFT_REPORT_CONDITION
-from distill_pipeline.defs.partitions import log_days
-from distill_pipeline.defs.resources import StoreResource, TaskResource
-from distill_pipeline.layout import (
+from distill_pipeline.core.layout import (
     CHAMPION_CURRENT,
     CURATED_PREFIX,
     DRIFT_REPORTS_ROOT,
@@ -22,16 +16,18 @@ from distill_pipeline.layout import (
     teacher_labels_prefix,
     train_set_prefix,
 )
-from distill_pipeline.store import ObjectNotFound, ObjectStore
-from distill_pipeline.students import (
-    fetch_adapter,
-    load_adapter_student,
-    publish_report,
-    read_report,
-    student_predictor,
-)
-from distill_pipeline.tables import MissingTableError, fetch_table, published_partitions, read_manifest
-from distill_pipeline.task import MonitoringConfig, Task
+from distill_pipeline.core.store import ObjectNotFound, ObjectStore
+from distill_pipeline.core.tables import MissingTableError, fetch_table, published_partitions, read_manifest
+from distill_pipeline.core.task import MonitoringConfig, Task
+from distill_pipeline.defs.core.common import location, scratch_dir
+from distill_pipeline.defs.core.partitions import log_days
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data.ingest import raw_logs
+from distill_pipeline.defs.teachers.labelling import teacher_labels
+from distill_pipeline.monitoring import drift
+from distill_pipeline.students.adapters import fetch_adapter
+from distill_pipeline.students.predict import load_adapter_student, student_predictor
+from distill_pipeline.students.reports import publish_report, read_report
 
 INPUT_DRIFT_CHECK = "input_drift"
 OUTPUT_DRIFT_CHECK = "output_drift"
@@ -43,6 +39,20 @@ CHECK_SIGNALS = {
 }
 # The test set whose agreement with the teacher the shadow champion is held against.
 SHADOW_REFERENCE_TEST_SET = "in_distribution"
+
+
+AC = dg.AutomationCondition
+
+#: The drift report of a day follows that day's ingestion only: a new champion must not make every
+#: day since the first recompute at once (re-materialise chosen days from the UI for that).
+_DAY_INPUTS = dg.AssetSelection.assets("raw_logs", "teacher_labels")
+DRIFT_REPORT_CONDITION = (
+    AC.any_deps_updated().allow(_DAY_INPUTS).since_last_handled()
+    & ~AC.any_deps_missing().allow(_DAY_INPUTS)
+    & ~AC.any_deps_in_progress().allow(_DAY_INPUTS)
+    & ~AC.in_progress()
+    & AC.all_deps_blocking_checks_passed().allow(_DAY_INPUTS)
+).with_label("after_the_day_is_labelled")
 
 
 @dg.asset(

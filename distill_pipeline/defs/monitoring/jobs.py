@@ -2,9 +2,9 @@
 
 import dagster as dg
 
-from distill_pipeline.defs.partitions import train_sizes
-from distill_pipeline.splitting import TrainSize
-from distill_pipeline.task import TaskConfigError, load_task
+from distill_pipeline.core.task import TaskConfigError, load_task
+from distill_pipeline.data.splitting import TrainSize
+from distill_pipeline.defs.core.partitions import train_sizes
 
 REDISTILL_JOB = "redistill_job"
 #: Tags every retraining run carries, so the UI can filter them and say why each one ran.

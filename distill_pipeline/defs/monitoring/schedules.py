@@ -2,8 +2,8 @@
 
 import dagster as dg
 
+from distill_pipeline.core.task import load_task
 from distill_pipeline.defs.monitoring.jobs import TRIGGER_TAG, redistill_job, retrain_size_key
-from distill_pipeline.task import load_task
 
 
 @dg.schedule(

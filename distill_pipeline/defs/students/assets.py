@@ -9,16 +9,7 @@ from typing import Any, Literal
 
 import dagster as dg
 
-from distill_pipeline.ablation import TEST_SETS, analyse_ablation
-from distill_pipeline.defs.common import location, scratch_dir
-from distill_pipeline.defs.partitions import train_sizes
-from distill_pipeline.defs.resources import StoreResource, TaskResource
-from distill_pipeline.defs.splits.assets import current_test_sets, test_sets, train_sets
-from distill_pipeline.defs.students.resources import GPU_POOL, K8S_GPU_OP_TAGS, TrainerResource
-from distill_pipeline.devices import claim_gpu, device_env
-from distill_pipeline.evaluation import comparison_report
-from distill_pipeline.gold import GoldTableError, read_gold_labels
-from distill_pipeline.layout import (
+from distill_pipeline.core.layout import (
     ABLATION_PREFIX,
     CHAMPION_CURRENT,
     EVAL_REPORTS_ROOT,
@@ -28,39 +19,48 @@ from distill_pipeline.layout import (
     eval_report_prefix,
     train_set_prefix,
 )
-from distill_pipeline.promotion import Candidate, best_candidate, champion_manifest, decide_promotion
-from distill_pipeline.reporting import LineSeries, line_plot_markdown, markdown_table
-from distill_pipeline.store import ObjectNotFound, ObjectStore
-from distill_pipeline.students import (
+from distill_pipeline.core.reporting import LineSeries, line_plot_markdown, markdown_table
+from distill_pipeline.core.store import ObjectNotFound, ObjectStore
+from distill_pipeline.core.tables import fetch_table, published_partitions, read_manifest
+from distill_pipeline.data.gold import GoldTableError, read_gold_labels
+from distill_pipeline.defs.core.common import location, scratch_dir
+from distill_pipeline.defs.core.partitions import train_sizes
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data.splits import current_test_sets, test_sets, train_sets
+from distill_pipeline.defs.students.launchers import K8S_GPU_OP_TAGS
+from distill_pipeline.defs.students.resources import GPU_POOL, TrainerResource
+from distill_pipeline.students.ablation import TEST_SETS, analyse_ablation
+from distill_pipeline.students.adapters import (
+    current_adapter,
+    fetch_adapter,
+    fetch_published,
+    point_at_adapter,
+    publish_adapter,
+    read_metrics_log,
+)
+from distill_pipeline.students.devices import claim_gpu, device_env
+from distill_pipeline.students.evaluation import comparison_report
+from distill_pipeline.students.predict import load_adapter_student, student_predictor
+from distill_pipeline.students.promotion import Candidate, best_candidate, champion_manifest, decide_promotion
+from distill_pipeline.students.reports import (
     MAJORITY,
     STUDENT,
     TEACHER,
     TFIDF,
-    TRAINER_MODULE,
     LabelledTexts,
-    build_train_spec,
-    current_adapter,
     evaluate_on_test_sets,
-    fetch_adapter,
-    fetch_published,
     flat_metrics,
-    load_adapter_student,
-    point_at_adapter,
-    publish_adapter,
     publish_report,
     read_labelled,
-    read_metrics_log,
     read_report,
     reference_note,
     report_markdown,
     score_student,
     scores_by_test_set,
     speed_markdown,
-    student_predictor,
-    train_id,
     with_gold,
 )
-from distill_pipeline.tables import fetch_table, published_partitions, read_manifest
+from distill_pipeline.students.specs import TRAINER_MODULE, build_train_spec, train_id
 
 FINITE_LOSS_CHECK = "finite_validation_loss"
 BEATS_MAJORITY_CHECK = "beats_majority_on_validation"

@@ -24,7 +24,21 @@ from typing import Any
 import dagster as dg
 from dagster_aws.pipes import PipesECSClient
 
-from distill_pipeline.defs.students.resources import K8S_GPU_OP_TAGS
+#: Per-step pod settings for Kubernetes executors: one GPU, requested and limited, on a GPU node.
+K8S_GPU_OP_TAGS = {
+    "dagster-k8s/config": {
+        "container_config": {
+            "resources": {
+                "requests": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": "1"},
+                "limits": {"memory": "24Gi", "nvidia.com/gpu": "1"},
+            }
+        },
+        "pod_spec_config": {
+            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
+        },
+    }
+}
+
 
 DEPLOYMENT_ENV = "DISTILL_DEPLOYMENT"
 DEPLOYMENTS = ("local", "k8s", "ecs")

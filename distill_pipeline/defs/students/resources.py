@@ -14,26 +14,11 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill_pipeline.devices import visible_gpus
+from distill_pipeline.defs.students.launchers import training_pipes_client
+from distill_pipeline.students.devices import visible_gpus
 
 #: The concurrency pool of every training step; its limit is the number of GPUs (dagster.yaml).
 GPU_POOL = "gpu"
-
-#: Per-step pod settings for Kubernetes executors: one GPU, requested and limited, on a GPU node.
-K8S_GPU_OP_TAGS = {
-    "dagster-k8s/config": {
-        "container_config": {
-            "resources": {
-                "requests": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": "1"},
-                "limits": {"memory": "24Gi", "nvidia.com/gpu": "1"},
-            }
-        },
-        "pod_spec_config": {
-            "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
-        },
-    }
-}
-
 
 class TrainerResource(dg.ConfigurableResource):
     """The local side of training: a work folder for run outputs, and the GPUs steps may take."""
@@ -61,6 +46,5 @@ class TrainerResource(dg.ConfigurableResource):
 def resources() -> dg.Definitions:
     # DISTILL_DEPLOYMENT chooses where the trainer runs: a local subprocess, a GPU pod or an ECS
     # task (launchers.py); imported here because launchers.py reads this module's GPU placement.
-    from distill_pipeline.defs.students.launchers import training_pipes_client
 
     return dg.Definitions(resources={"trainer": TrainerResource(), "pipes_client": training_pipes_client()})

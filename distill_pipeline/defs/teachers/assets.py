@@ -8,19 +8,19 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from distill_pipeline.defs.common import location, scratch_dir
-from distill_pipeline.defs.curation.assets import curated_examples
-from distill_pipeline.defs.resources import StoreResource, TaskResource
-from distill_pipeline.defs.splits.assets import TEST_SET_FILES, current_test_sets, test_sets
+from distill_pipeline.core.layout import CURATED_PREFIX, GOLD_LABELS, SYNTHETIC_PREFIX, TEACHER_EVAL_PREFIX
+from distill_pipeline.core.reporting import counts_table, markdown_table
+from distill_pipeline.core.store import ObjectNotFound
+from distill_pipeline.core.tables import fetch_table, publish_table
+from distill_pipeline.defs.core.common import location, scratch_dir
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data.curation import curated_examples
+from distill_pipeline.defs.data.splits import TEST_SET_FILES, current_test_sets, test_sets
 from distill_pipeline.defs.teachers.labelling import totals_line, totals_metadata
 from distill_pipeline.defs.teachers.resources import TeacherResource
-from distill_pipeline.layout import CURATED_PREFIX, GOLD_LABELS, SYNTHETIC_PREFIX, TEACHER_EVAL_PREFIX
-from distill_pipeline.reporting import counts_table, markdown_table
-from distill_pipeline.store import ObjectNotFound
-from distill_pipeline.synthetic import Seed, distinct_bigram_ratio, make_synthetic_examples
-from distill_pipeline.tables import fetch_table, publish_table
-from distill_pipeline.teacher import TeacherSpec
-from distill_pipeline.teacher_eval import evaluate_teachers, grid, load_gold_sets
+from distill_pipeline.teachers.client import TeacherSpec
+from distill_pipeline.teachers.evaluation import evaluate_teachers, grid, load_gold_sets
+from distill_pipeline.teachers.synthetic import Seed, distinct_bigram_ratio, make_synthetic_examples
 
 
 class TeacherEvalConfig(dg.Config):

@@ -1,19 +1,110 @@
-"""The teacher side of ``teacher_labels``: asking the configured teachers, and what the UI shows of it."""
+"""teacher_labels: each logged call's label, parsed from its response or asked of the configured teachers."""
 
-from __future__ import annotations
-
+import dataclasses
 from pathlib import Path
 
 import dagster as dg
 
-from distill_pipeline.batch import BatchLabeller
+from distill_pipeline.core.layout import raw_logs_prefix, teacher_labels_prefix
+from distill_pipeline.core.reporting import counts_table, markdown_table, parquet_sample_markdown
+from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.core.tables import fetch_table, publish_table
+from distill_pipeline.core.task import Task
+from distill_pipeline.data.labels import inputs_for_teachers, label_records
+from distill_pipeline.defs.core.common import location, scratch_dir
+from distill_pipeline.defs.core.partitions import log_days
+from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.data.ingest import raw_logs
 from distill_pipeline.defs.teachers.resources import TeacherResource
-from distill_pipeline.labels import inputs_for_teachers
-from distill_pipeline.relabel import Verdicts, ask_teachers
-from distill_pipeline.reporting import markdown_table, parquet_sample_markdown
-from distill_pipeline.store import ObjectStore
-from distill_pipeline.task import Task
-from distill_pipeline.teacher import RunTotals
+from distill_pipeline.teachers.batch import BatchLabeller
+from distill_pipeline.teachers.client import RunTotals
+from distill_pipeline.teachers.relabel import Verdicts, ask_teachers
+
+PARSE_FAILURE_RATE_CHECK = "parse_failure_rate"
+
+
+@dg.asset(
+    deps=[raw_logs],
+    partitions_def=log_days,
+    group_name="teachers",
+    kinds={"duckdb", "parquet"},
+    check_specs=[
+        dg.AssetCheckSpec(
+            PARSE_FAILURE_RATE_CHECK,
+            asset="teacher_labels",
+            blocking=True,
+            description="Share of teacher responses that could not be parsed is within the task's limit.",
+        )
+    ],
+)
+def teacher_labels(
+    context: dg.AssetExecutionContext, store: StoreResource, task: TaskResource, teacher: TeacherResource
+) -> dg.MaterializeResult:
+    """The task's label for each logged call: parsed from its response, or asked of the configured teachers."""
+    day = context.partition_key
+    object_store = store.open()
+    loaded = task.load()
+    teacher_metadata: dict[str, object] = {}
+    with scratch_dir(context) as scratch:
+        records = fetch_table(object_store, raw_logs_prefix(day), "records.parquet", scratch)
+        labels, quarantine = scratch / "labels.parquet", scratch / "quarantine.parquet"
+        files = {"labels.parquet": labels, "quarantine.parquet": quarantine}
+        if teacher.mode == "logged":
+            stats = label_records(records, loaded, scratch / "duckdb", labels, quarantine)
+        else:
+            review = scratch / "review.parquet"
+            verdicts = teacher_verdicts(context, object_store, teacher, loaded, records, scratch)
+            stats = label_records(
+                records, loaded, scratch / "duckdb", labels, quarantine,
+                mode=teacher.mode, verdicts=verdicts.table, review_path=review,
+            )  # fmt: skip
+            files["review.parquet"] = review
+            teacher_metadata = verdicts_metadata(verdicts, review)
+        prefix = teacher_labels_prefix(day)
+        publish_table(
+            object_store,
+            prefix,
+            files,
+            {"day": day, "task": loaded.id, "mode": teacher.mode, "stats": dataclasses.asdict(stats)},
+        )
+        labelled_sample = parquet_sample_markdown(labels, ["request_id", "label", "parse_method", "input"], limit=10)
+        quarantine_sample = parquet_sample_markdown(quarantine, ["request_id", "reason", "response_excerpt"], limit=10)
+    label_names = {value: f"{value} ({loaded.label.name_of(value)})" for value in loaded.label.values}
+    label_counts = {label_names.get(k, str(k)): v for k, v in stats.label_counts.items()}
+    failure_rate = stats.parse_failures / stats.with_response if stats.with_response else 0.0
+    context.log.info(
+        f"{stats.labelled:,} labelled; parse rate {stats.parse_rate:.2%}; {stats.quarantined:,} quarantined"
+    )
+    return dg.MaterializeResult(
+        metadata={
+            "dagster/row_count": stats.labelled,
+            "rows_in": stats.rows_in,
+            "labelled": stats.labelled,
+            "quarantined": stats.quarantined,
+            "parse_rate": float(stats.parse_rate),
+            **{f"label_{name}": count for name, count in stats.label_counts.items()},
+            "label_distribution": dg.MetadataValue.md(counts_table(label_counts, loaded.label.field)),
+            "parse_methods": dg.MetadataValue.md(counts_table(stats.methods, "method")),
+            "quarantine_reasons": dg.MetadataValue.md(counts_table(stats.reasons, "reason", stats.rows_in)),
+            "labelled_sample": dg.MetadataValue.md(labelled_sample),
+            "quarantine_sample": dg.MetadataValue.md(quarantine_sample),
+            "table": location(object_store, prefix + "labels.parquet"),
+            "mode": teacher.mode,
+            **teacher_metadata,
+        },
+        check_results=[
+            dg.AssetCheckResult(
+                check_name=PARSE_FAILURE_RATE_CHECK,
+                passed=failure_rate <= loaded.checks.max_parse_failure_rate,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "parse_failure_rate": float(failure_rate),
+                    "limit": float(loaded.checks.max_parse_failure_rate),
+                },
+                description=f"{stats.parse_failures:,} of {stats.with_response:,} responses unparseable",
+            )
+        ],
+    )
 
 
 def teacher_verdicts(

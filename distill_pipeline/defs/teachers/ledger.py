@@ -2,16 +2,16 @@
 
 import dagster as dg
 
-from distill_pipeline.defs.common import location
-from distill_pipeline.defs.resources import StoreResource
-from distill_pipeline.ledger import (
+from distill_pipeline.core.reporting import markdown_table
+from distill_pipeline.defs.core.common import location
+from distill_pipeline.defs.core.resources import StoreResource
+from distill_pipeline.teachers.ledger import (
     DEFAULT_COMPACT_MIN_AGE_S,
     LEDGER_SEGMENTS,
     compact_ledger,
     load_entries,
     spend_by_model,
 )
-from distill_pipeline.reporting import markdown_table
 
 LABEL_LEDGER_JOB = "label_ledger_job"
 

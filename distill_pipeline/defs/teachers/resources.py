@@ -16,10 +16,10 @@ from pathlib import Path
 import dagster as dg
 from pydantic import Field
 
-from distill_pipeline.labels import LabelMode
-from distill_pipeline.ledger import Ledger
-from distill_pipeline.store import ObjectStore
-from distill_pipeline.teacher import ClientSettings, Price, TeacherClient, TeacherSpec
+from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.data.labels import LabelMode
+from distill_pipeline.teachers.client import ClientSettings, Price, TeacherClient, TeacherSpec
+from distill_pipeline.teachers.ledger import Ledger
 
 
 class TeacherPrice(dg.Config):

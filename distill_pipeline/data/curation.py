@@ -1,0 +1,298 @@
+"""Curation: turn all labelled traffic into a clean, de-duplicated, de-biased example pool.
+
+Rules run in a fixed order over the rows that survived the rules before them, and each removed
+row is kept in a "removed" table with the rule that removed it and why, so the counts per rule
+add up: ``rows_in == kept + sum(removed_by_rule)``.
+
+1. ``duplicate_request_id``: the same call logged on two days; the earliest is kept.
+2. ``too_short`` / ``too_long``: input length bounds, in characters.
+3. ``pattern:<name>``: inputs matching a configured regex.
+(PII scrubbing, when enabled, rewrites every input before rule 1; it removes nothing.)
+4. ``exact_duplicate``: the same normalised text (case, punctuation and spacing folded).
+5. ``near_duplicate``: word-set Jaccard similarity above a threshold with an earlier input,
+   found with MinHash and locality-sensitive hashing so that it is not quadratic: an input is
+   compared with the earliest input of each LSH bucket it falls in.
+6. ``user_cap``: at most N examples per user, a seeded random sample of each power user's rows,
+   so a few heavy users do not dominate what the student learns.
+7. ``label_balance`` (optional): down-sample every label to the rarest label's count.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from distill_pipeline.core import duck
+from distill_pipeline.core.normalise import NORMALISE_ASCII_FUNCTION
+from distill_pipeline.core.task import CurationConfig
+
+# MinHash signature of 32 hashes in 8 bands of 4: a pair at Jaccard 0.8 shares a band with
+# probability 1 - (1 - 0.8**4)**8 = 0.985; candidates are then checked exactly.
+MINHASH_BANDS = 8
+MINHASH_ROWS = 4
+# Inputs with fewer distinct words than this are left to the exact rule: with two or three words,
+# one changed word is a different comment.
+NEAR_DUPLICATE_MIN_WORDS = 4
+
+PII_PATTERNS: dict[str, tuple[str, str]] = {
+    # Order matters: a card number would otherwise be taken for a phone number.
+    "email": (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", "[EMAIL]"),
+    "card": (r"\b(?:\d[ -]?){12,18}\d\b", "[CARD]"),
+    # Three or more digit groups (optionally after a country code): "1990-2000" or "120 150" are
+    # not phone numbers, "+44 20 7946 0958" and "(555) 123-4567" are.
+    "phone": (r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\b\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}\b", "[PHONE]"),
+}
+
+
+def normalised_text_sql(column: str) -> str:
+    """SQL for the text used to compare inputs: lower case, letters and digits, single spaces.
+
+    Needs a connection from ``duck.connect``, which registers the fast path for ASCII texts
+    (see :mod:`distill_pipeline.core.normalise`); the regex gives the same text, slower, for any text.
+    """
+    regex = f"trim(regexp_replace(lower({column}), '[^\\p{{L}}\\p{{N}}]+', ' ', 'g'))"
+    return f"coalesce({NORMALISE_ASCII_FUNCTION}({column}), {regex})"
+
+
+@dataclass
+class CurationStats:
+    rows_in: int = 0
+    kept: int = 0
+    removed_by_rule: dict[str, int] = field(default_factory=dict)
+    pii_scrubbed: dict[str, int] = field(default_factory=dict)
+    label_conflicts: int = 0
+    label_counts: dict[int, int] = field(default_factory=dict)
+    users_capped: int = 0
+
+
+class Curator:
+    """Runs the rules as SQL updates that mark ``removed_by`` on a working table."""
+
+    def __init__(self, label_paths: list[Path], config: CurationConfig, workdir: Path, *, seed: int) -> None:
+        self.config = config
+        self.seed = seed
+        self.con = duck.connect(workdir)
+        self.stats = CurationStats()
+        sources = ", ".join(duck.sql_string(str(p)) for p in label_paths)
+        self.con.execute(
+            f"""
+            CREATE TABLE work AS
+            SELECT *, NULL::VARCHAR AS removed_by, NULL::VARCHAR AS removed_detail
+            FROM read_parquet([{sources}], union_by_name = true);
+            -- Arrival order from a sort of the keys alone: a window over the whole rows would
+            -- sort every column with them.
+            ALTER TABLE work ADD COLUMN arrival BIGINT;
+            UPDATE work SET arrival = ranked.arrival
+            FROM (
+                SELECT rowid AS row_id,
+                       row_number() OVER (ORDER BY timestamp, request_id, source_key, source_line) AS arrival
+                FROM work
+            ) AS ranked
+            WHERE work.rowid = ranked.row_id;
+            """
+        )
+        self.stats.rows_in = self._count("TRUE")
+
+    def _count(self, condition: str) -> int:
+        return self.con.execute(f"SELECT count(*) FROM work WHERE {condition}").fetchone()[0]
+
+    def _remove(self, rule: str, condition: str, detail: str = "NULL") -> None:
+        """Mark surviving rows matching ``condition`` as removed by ``rule``."""
+        self.con.execute(
+            f"UPDATE work SET removed_by = {duck.sql_string(rule)}, removed_detail = {detail} "
+            f"WHERE removed_by IS NULL AND ({condition})"
+        )
+        self.stats.removed_by_rule[rule] = self._count(f"removed_by = {duck.sql_string(rule)}")
+
+    def run(self) -> CurationStats:
+        config = self.config
+        # Scrubbing comes first so that no table this stage writes, the removed rows' excerpts
+        # included, carries the personal data it was asked to remove.
+        if config.scrub_pii:
+            self._scrub_pii()
+        self._remove_duplicate_request_ids()
+        self._remove("too_short", f"length(trim(input)) < {int(config.min_chars)}", "length(trim(input))::VARCHAR")
+        self._remove("too_long", f"length(input) > {int(config.max_chars)}", "length(input)::VARCHAR")
+        for name, pattern in config.drop_patterns.items():
+            self._remove(f"pattern:{name}", f"regexp_matches(input, {duck.sql_string(pattern)})")
+        self.con.execute(
+            f"ALTER TABLE work ADD COLUMN norm VARCHAR; UPDATE work SET norm = {normalised_text_sql('input')}"
+        )
+        self._remove_exact_duplicates()
+        if config.near_duplicate_threshold is not None:
+            self._remove_near_duplicates(float(config.near_duplicate_threshold))
+        if config.max_examples_per_user is not None:
+            self._cap_users(int(config.max_examples_per_user))
+        if config.balance_labels:
+            self._balance_labels()
+        self.stats.kept = self._count("removed_by IS NULL")
+        self.stats.label_counts = dict(
+            self.con.execute(
+                "SELECT label, count(*) FROM work WHERE removed_by IS NULL GROUP BY 1 ORDER BY 1"
+            ).fetchall()
+        )
+        return self.stats
+
+    def _remove_duplicate_request_ids(self) -> None:
+        self._remove(
+            "duplicate_request_id",
+            # Only ids seen more than once are joined back: a few rows, not every row.
+            """arrival IN (
+                SELECT w.arrival FROM work w
+                JOIN (SELECT request_id, min(arrival) AS first FROM work GROUP BY request_id HAVING count(*) > 1) d
+                  ON w.request_id = d.request_id
+                WHERE w.arrival > d.first
+            )""",
+            "'kept the earliest copy'",
+        )
+
+    def _scrub_pii(self) -> None:
+        for kind, (pattern, replacement) in PII_PATTERNS.items():
+            quoted = duck.sql_string(pattern)
+            updated = self.con.execute(
+                f"UPDATE work SET input = regexp_replace(input, {quoted}, {duck.sql_string(replacement)}, 'g') "
+                f"WHERE removed_by IS NULL AND regexp_matches(input, {quoted})"
+            ).fetchone()
+            self.stats.pii_scrubbed[kind] = updated[0] if updated else 0
+
+    def _remove_exact_duplicates(self) -> None:
+        self.con.execute(
+            """
+            CREATE TEMP TABLE exact_groups AS
+            -- Two labels or more is a min unlike the max, at a third of count(DISTINCT)'s cost.
+            SELECT norm, min(arrival) AS first_arrival, min(label) <> max(label) AS label_conflict
+            FROM work WHERE removed_by IS NULL GROUP BY norm HAVING count(*) > 1
+            """
+        )
+        self.stats.label_conflicts = self.con.execute(
+            "SELECT count(*) FROM exact_groups WHERE label_conflict"
+        ).fetchone()[0]
+        self.con.execute(
+            """
+            UPDATE work SET removed_by = 'exact_duplicate',
+                removed_detail = 'same text as arrival #' || g.first_arrival
+            FROM exact_groups g
+            WHERE work.removed_by IS NULL AND work.norm = g.norm AND work.arrival > g.first_arrival
+            """
+        )
+        self.stats.removed_by_rule["exact_duplicate"] = self._count("removed_by = 'exact_duplicate'")
+
+    def _remove_near_duplicates(self, threshold: float) -> None:
+        hashes = MINHASH_BANDS * MINHASH_ROWS
+        self.con.execute(
+            f"""
+            CREATE TEMP TABLE words AS
+            SELECT arrival, list_distinct(list_filter(string_split(norm, ' '), lambda w: w <> '')) AS words
+            FROM work WHERE removed_by IS NULL;
+            DELETE FROM words WHERE len(words) < {NEAR_DUPLICATE_MIN_WORDS};
+            CREATE TEMP TABLE bands AS
+            WITH signatures AS (
+                SELECT arrival,
+                       list_transform(range({hashes}), lambda i: list_min(list_transform(words, lambda w: hash(w, i)))) AS sig
+                FROM words
+            )
+            SELECT arrival, b AS band, hash(sig[b * {MINHASH_ROWS} + 1 : (b + 1) * {MINHASH_ROWS}]) AS bucket
+            FROM signatures, range({MINHASH_BANDS}) AS t(b);
+            -- Each bucket is compared with its earliest member only, not pairwise: templated
+            -- traffic puts thousands of inputs in one bucket, and all pairs would be quadratic.
+            CREATE TEMP TABLE heads AS
+            SELECT band, bucket, min(arrival) AS head FROM bands GROUP BY band, bucket HAVING count(*) > 1;
+            CREATE TEMP TABLE similar_pairs AS
+            WITH candidates AS (
+                SELECT DISTINCT h.head AS earlier, b.arrival AS later
+                FROM bands b JOIN heads h ON b.band = h.band AND b.bucket = h.bucket AND b.arrival > h.head
+            )
+            SELECT c.later, min(c.earlier) AS earlier
+            FROM candidates c
+            JOIN words wa ON wa.arrival = c.earlier
+            JOIN words wb ON wb.arrival = c.later
+            WHERE len(list_intersect(wa.words, wb.words)) / len(list_distinct(list_concat(wa.words, wb.words)))
+                  >= {threshold}
+            GROUP BY c.later;
+            """
+        )
+        # An earlier near-duplicate that was itself a near-duplicate still counts: the chain
+        # of small edits is the same comment, and keeping only its head is what we want.
+        self.con.execute(
+            """
+            UPDATE work SET removed_by = 'near_duplicate', removed_detail = 'similar to arrival #' || s.earlier
+            FROM similar_pairs s WHERE work.removed_by IS NULL AND work.arrival = s.later
+            """
+        )
+        self.stats.removed_by_rule["near_duplicate"] = self._count("removed_by = 'near_duplicate'")
+
+    def _cap_users(self, cap: int) -> None:
+        self.con.execute(
+            f"""
+            CREATE TEMP TABLE user_rank AS
+            SELECT arrival, user_id,
+                   row_number() OVER (PARTITION BY user_id ORDER BY {duck.seeded_hash_sql("request_id", self.seed, "user_cap")}) AS rank
+            FROM work WHERE removed_by IS NULL
+            """
+        )
+        self.stats.users_capped = self.con.execute(
+            f"SELECT count(DISTINCT user_id) FROM user_rank WHERE rank > {cap}"
+        ).fetchone()[0]
+        self.con.execute(
+            f"""
+            UPDATE work SET removed_by = 'user_cap', removed_detail = 'user over {cap} examples'
+            FROM user_rank r WHERE work.removed_by IS NULL AND work.arrival = r.arrival AND r.rank > {cap}
+            """
+        )
+        self.stats.removed_by_rule["user_cap"] = self._count("removed_by = 'user_cap'")
+
+    def _balance_labels(self) -> None:
+        self.con.execute(
+            f"""
+            CREATE TEMP TABLE label_rank AS
+            WITH kept AS (SELECT arrival, label, request_id FROM work WHERE removed_by IS NULL)
+            SELECT arrival,
+                   row_number() OVER (PARTITION BY label ORDER BY {duck.seeded_hash_sql("request_id", self.seed, "label_balance")}) AS rank,
+                   (SELECT min(n) FROM (SELECT count(*) AS n FROM kept GROUP BY label)) AS rarest
+            FROM kept
+            """
+        )
+        self.con.execute(
+            """
+            UPDATE work SET removed_by = 'label_balance', removed_detail = 'label above the rarest label count'
+            FROM label_rank r WHERE work.removed_by IS NULL AND work.arrival = r.arrival AND r.rank > r.rarest
+            """
+        )
+        self.stats.removed_by_rule["label_balance"] = self._count("removed_by = 'label_balance'")
+
+    def write(self, curated_path: Path, removed_path: Path) -> None:
+        duck.copy_to_parquet(
+            self.con,
+            "SELECT * EXCLUDE (removed_by, removed_detail, arrival, norm) FROM work WHERE removed_by IS NULL ORDER BY arrival",
+            curated_path,
+        )
+        duck.copy_to_parquet(
+            self.con,
+            "SELECT removed_by AS rule, removed_detail AS detail, request_id, user_id, label, "
+            "left(input, 300) AS input_excerpt FROM work WHERE removed_by IS NOT NULL ORDER BY arrival",
+            removed_path,
+        )
+
+    def close(self) -> None:
+        self.con.close()
+
+
+def curate(
+    label_paths: list[Path],
+    config: CurationConfig,
+    workdir: Path,
+    curated_path: Path,
+    removed_path: Path,
+    *,
+    seed: int,
+) -> CurationStats:
+    """Apply the curation rules to the union of ``label_paths`` (``teacher_labels`` tables)."""
+    curator = Curator(label_paths, config, workdir, seed=seed)
+    try:
+        stats = curator.run()
+        curator.write(curated_path, removed_path)
+    finally:
+        curator.close()
+    if stats.kept + sum(stats.removed_by_rule.values()) != stats.rows_in:
+        raise AssertionError(f"curation accounting broken: {stats}")
+    return stats

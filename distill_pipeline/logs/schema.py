@@ -1,0 +1,116 @@
+"""The teacher request/response log format: one JSON object per line, versioned.
+
+This module is the single definition of the schema. The logging client writes it, the importer
+and the simulator produce it, and ingestion validates it (``SCHEMA_FIELDS`` drives the SQL
+validation in :mod:`distill_pipeline.data.ingest`). The README documents the same fields.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import uuid
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+SCHEMA_VERSION = 1
+SUPPORTED_SCHEMA_VERSIONS = (1,)
+
+#: Where log objects live inside a store: ``logs/dt=YYYY-MM-DD/<object>.jsonl``.
+LOG_PREFIX = "logs"
+#: What ingestion reads under a day's prefix; anything else (a temporary upload, a README) is ignored.
+LOG_SUFFIXES = (".jsonl", ".jsonl.gz")
+
+#: Longest request id accepted; longer ones are quarantined.
+MAX_REQUEST_ID_CHARS = 256
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    """One top-level field of a log record and the JSON type it must have."""
+
+    name: str
+    json_type: str  # "string", "integer", "number", "object"
+    required: bool
+    doc: str
+
+
+SCHEMA_FIELDS: tuple[FieldSpec, ...] = (
+    FieldSpec("schema_version", "integer", True, "Version of this schema; 1."),
+    FieldSpec("request_id", "string", True, "Unique id of the call; the idempotency key."),
+    FieldSpec("timestamp", "string", True, "When the call was made, RFC 3339 / ISO 8601, UTC."),
+    FieldSpec("user_id", "string", True, "The calling end user (used for power-user caps)."),
+    FieldSpec("tenant_id", "string", False, "The calling tenant or application, if any."),
+    FieldSpec("task", "string", False, "Task id, e.g. 'toxicity'."),
+    FieldSpec("model", "string", True, "Teacher model, as a litellm model string."),
+    FieldSpec("params", "object", False, "Sampling parameters (temperature, max_tokens, ...)."),
+    FieldSpec("prompt_template_id", "string", True, "Prompt template id, e.g. 'simple_prompt'."),
+    FieldSpec("prompt_template_version", "string", False, "Prompt template version."),
+    FieldSpec("input", "string", True, "The task input (the text to classify)."),
+    FieldSpec("response", "string", False, "Raw response text; null when the call failed."),
+    FieldSpec("usage", "object", False, "Token usage: prompt_tokens, completion_tokens, ..."),
+    FieldSpec("latency_ms", "number", False, "Wall time of the call in milliseconds."),
+    FieldSpec("cost_usd", "number", False, "Cost of the call in US dollars."),
+    FieldSpec("error", "string", False, "Provider error message; null on success."),
+    FieldSpec("feedback", "object", False, "End-user feedback, e.g. {'thumbs': 'up'}."),
+)
+
+
+def utc_now_iso() -> str:
+    return dt.datetime.now(dt.UTC).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def new_request_id() -> str:
+    return uuid.uuid4().hex
+
+
+@dataclass
+class LogRecord:
+    """One teacher call as an application logs it."""
+
+    input: str
+    model: str
+    prompt_template_id: str
+    response: str | None
+    user_id: str = "anonymous"
+    request_id: str = field(default_factory=new_request_id)
+    timestamp: str = field(default_factory=utc_now_iso)
+    tenant_id: str | None = None
+    task: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+    prompt_template_version: str | None = None
+    usage: dict[str, Any] | None = None
+    latency_ms: float | None = None
+    cost_usd: float | None = None
+    error: str | None = None
+    feedback: dict[str, Any] | None = None
+    schema_version: int = SCHEMA_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @property
+    def day(self) -> str:
+        return day_of(self.timestamp)
+
+
+def day_of(timestamp: str) -> str:
+    """The UTC day (``YYYY-MM-DD``) of an ISO timestamp."""
+    parsed = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
+    if parsed.tzinfo is not None:
+        parsed = parsed.astimezone(dt.UTC)
+    return parsed.date().isoformat()
+
+
+def log_object_prefix(day: str) -> str:
+    return f"{LOG_PREFIX}/dt={day}/"
+
+
+def log_object_key(day: str, name: str) -> str:
+    """Key of a log object; ``name`` should be unique per writer and batch."""
+    return f"{log_object_prefix(day)}{name}.jsonl"
+
+
+def encode_log_object(lines: list[str]) -> bytes:
+    """The bytes of a log object: one JSON record per line, UTF-8, newline-terminated."""
+    return ("\n".join(lines) + "\n").encode("utf-8") if lines else b""

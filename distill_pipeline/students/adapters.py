@@ -1,0 +1,87 @@
+"""Adapters in the store: published with a manifest, pointed at per size, fetched and checked."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from distill_pipeline.core.layout import CHAMPION_CURRENT, MANIFEST, adapter_pointer
+from distill_pipeline.core.store import ObjectNotFound, ObjectStore
+from distill_pipeline.core.tables import file_sha256, publish_table, read_manifest
+
+ADAPTER_DIR = "adapter"
+#: The trainer's records published beside the adapter (see trainer/train.py).
+RUN_FILES = ("spec.json", "result.json", "metrics.jsonl", "data_hashes.json")
+
+
+def publish_adapter(store: ObjectStore, prefix: str, run_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
+    """Upload a finished run (``adapter/`` and the run records) under ``prefix``, manifest last."""
+    adapter = run_dir / ADAPTER_DIR
+    if not (adapter / "adapter_config.json").is_file():
+        raise FileNotFoundError(f"{adapter} holds no adapter_config.json: the training run did not finish")
+    files = {f"{ADAPTER_DIR}/{p.relative_to(adapter).as_posix()}": p for p in sorted(adapter.rglob("*")) if p.is_file()}
+    files |= {name: run_dir / name for name in RUN_FILES if (run_dir / name).is_file()}
+    return publish_table(store, prefix, files, dict(manifest))
+
+
+def point_at_adapter(store: ObjectStore, size_key: str, prefix: str, train: str) -> None:
+    """Make ``prefix`` the size partition's current adapter (after its manifest is written)."""
+    store.put_bytes(adapter_pointer(size_key), json.dumps({"prefix": prefix, "train_id": train}).encode())
+
+
+def current_adapter(store: ObjectStore, size_key: str) -> dict[str, Any] | None:
+    try:
+        return json.loads(store.get_bytes(adapter_pointer(size_key)))
+    except ObjectNotFound:
+        return None
+
+
+def fetch_published(store: ObjectStore, prefix: str, directory: Path, *, under: str = "") -> Path:
+    """Download the manifest's files under ``prefix`` (those starting with ``under``) into
+    ``directory``, each checked against its SHA-256; returns ``directory``."""
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        raise FileNotFoundError(f"nothing published under {prefix} in {store.url} (no {MANIFEST})")
+    for name, entry in manifest["files"].items():
+        if not name.startswith(under):
+            continue
+        local = directory / name
+        store.get_file(prefix + name, local)
+        if file_sha256(local) != entry["sha256"]:
+            raise ValueError(f"{prefix}{name} does not match its manifest (being rewritten?); retry")
+    return directory
+
+
+def fetch_adapter(store: ObjectStore, prefix: str, directory: Path) -> Path:
+    """A published adapter as a local ``adapter/`` folder that ``load_student`` reads."""
+    return fetch_published(store, prefix, directory, under=f"{ADAPTER_DIR}/") / ADAPTER_DIR
+
+
+def resolve_adapter(reference: str, store: ObjectStore | None, directory: Path) -> Path:
+    """A local adapter folder from what a user names.
+
+    ``reference`` is a local folder (an ``adapter/`` folder or a run folder holding one), a
+    published adapter prefix in ``store`` (``students/adapters/size=100pct/<id>/``), or
+    ``champion`` for the current champion.
+    """
+    local = Path(reference).expanduser()
+    for candidate in (local, local / ADAPTER_DIR):
+        if (candidate / "adapter_config.json").is_file():
+            return candidate
+    if store is None:
+        raise FileNotFoundError(f"{reference} is not a local adapter folder, and no store was given")
+    if reference == "champion":
+        try:
+            reference = json.loads(store.get_bytes(CHAMPION_CURRENT))["adapter_prefix"]
+        except ObjectNotFound:
+            raise FileNotFoundError(f"no champion in {store.url} yet") from None
+    return fetch_adapter(store, reference.rstrip("/") + "/", directory)
+
+
+def read_metrics_log(path: Path) -> list[dict[str, Any]]:
+    """The trainer's metrics.jsonl: train lines carry ``loss``, validation lines ``val_loss``."""
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
