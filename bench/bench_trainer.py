@@ -19,7 +19,7 @@ meaningful on a GPU; absolute times are only meaningful on the GPU machine, rati
 
     python bench/bench_trainer.py                                   # MiniLM encoder, CPU-sized
     python bench/bench_trainer.py --rows 4096 --batch-size 64       # bigger
-    python bench/bench_trainer.py --corpus ../shared/data/jigsaw/train.parquet   # real comments' lengths
+    python bench/bench_trainer.py --corpus "${DISTILL_SHARED_DATA:-../shared/data}/jigsaw/train.parquet"  # real lengths
     python bench/bench_trainer.py --random-llama 1b --rows 8192 --batch-size 16 --peak-tflops 790
     python bench/bench_trainer.py --student-kind decoder --base-model /path/to/llama
 """

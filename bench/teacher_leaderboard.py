@@ -1,7 +1,8 @@
 """The teacher leaderboard on the shared Jigsaw data: real GPT-4 and GPT-3.5 answers against gold labels.
 
-``teacher_responses.parquet`` (read from ``../shared/data/jigsaw/``, never copied) holds the
-answers the playbook's teachers gave, and ``is_bad``, the human label. They are replayed through
+``teacher_responses.parquet`` (read from ``jigsaw/`` under ``$DISTILL_SHARED_DATA``, by default
+``../shared/data`` beside the checkout; never copied) holds the answers the playbook's teachers
+gave, and ``is_bad``, the human label. They are replayed through
 the project's OpenAI-compatible test server (each logged answer scripted for its model and
 rendered prompt), so ``teacher_eval`` runs its real path: litellm over HTTP, the ledger, the
 task's parser, token counts from the server and prices from litellm's price map. The same
@@ -40,9 +41,9 @@ from distill_pipeline.core.task import load_task
 from distill_pipeline.teachers.client import ClientSettings, TeacherClient, TeacherSpec
 from distill_pipeline.teachers.evaluation import ConfigScore, GoldSet, evaluate_teachers, rank, score_responses
 from distill_pipeline.teachers.ledger import Ledger
+from distill_pipeline_tests.conftest import SHARED_JIGSAW as JIGSAW
 from distill_pipeline_tests.openai_server import running_server
 
-JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
 RESULTS = Path(__file__).parent / "results" / "teacher_leaderboard.md"
 CONFIGS = [
     ("gpt-4-1106-preview", "simple_prompt", 0.0),

@@ -5,11 +5,16 @@ The moto server is a separate process on loopback, started in its own process gr
 stopped by PID, so the S3 tests exercise boto3's real HTTP path rather than an in-process mock;
 the teacher server (``openai_server.py``) is started the same way, and litellm reaches it over
 HTTP as it reaches OpenAI.
+
+Also here: where the real data shared beside the checkout is found (one place, one variable), and
+the skip policy: under ``CI=true`` a skipped test fails the run unless its reason is on
+``SKIP_ALLOWLIST``.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -31,6 +36,117 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 MOTO_START_TIMEOUT_S = 30.0
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# --- the shared real data ----------------------------------------------------------------------
+
+SHARED_DATA_ENV = "DISTILL_SHARED_DATA"
+
+
+def shared_data_dir() -> Path:
+    """The folder of real data shared between checkouts (it holds ``jigsaw/``).
+
+    ``$DISTILL_SHARED_DATA`` when set, else ``shared/data`` in the folder that holds the checkout
+    (where CI lays it). Tests and benchmarks read it in place and never copy it into the repository.
+    """
+    configured = os.environ.get(SHARED_DATA_ENV)
+    return Path(configured).expanduser().resolve() if configured else REPO_ROOT.parent / "shared" / "data"
+
+
+SHARED_JIGSAW = shared_data_dir() / "jigsaw"
+JIGSAW_TEACHER_RESPONSES = SHARED_JIGSAW / "teacher_responses.parquet"
+requires_shared_jigsaw = pytest.mark.skipif(
+    not JIGSAW_TEACHER_RESPONSES.is_file(),
+    reason=f"the shared Jigsaw data is not at {SHARED_JIGSAW} (set {SHARED_DATA_ENV} to the folder holding jigsaw/)",
+)
+
+# --- the skip policy ---------------------------------------------------------------------------
+
+GPU_SKIP_REASON = "needs a CUDA GPU: a `gpu` test, run in the device check on a GPU machine"
+
+# The only skips CI accepts: a regular expression searched in the skip's reason or the test's node
+# id -> why that skip is legitimate. A missing tool or data set is never here: `make test`
+# installs chromium, chromium-driver, docker-compose and hadolint, and CI lays shared/ beside the
+# checkout, so under CI the tests that need them must run.
+SKIP_ALLOWLIST: dict[str, str] = {
+    re.escape(GPU_SKIP_REASON): "CI's machines have no GPU; `gpu` tests run where one is lent (the device check)",
+}
+
+
+def running_under_ci() -> bool:
+    return os.environ.get("CI", "").strip().lower() in ("true", "1", "yes")
+
+
+def skip_reason(report: pytest.CollectReport | pytest.TestReport) -> str:
+    """The reason a skipped report gives, as ``-rs`` prints it."""
+    longrepr = report.longrepr
+    reason = longrepr[2] if isinstance(longrepr, tuple) else str(longrepr)
+    return "" if reason == "Skipped" else reason.removeprefix("Skipped: ")
+
+
+def allowed_skip(nodeid: str, reason: str) -> str | None:
+    """Why this skip is allowed under CI, or None when it is not."""
+    for pattern, why in SKIP_ALLOWLIST.items():
+        if re.search(pattern, reason) or re.search(pattern, nodeid):
+            return why
+    return None
+
+
+class SkipPolicy:
+    """Records every skip that is not on the allowlist, lists them, and fails the session for them."""
+
+    def __init__(self) -> None:
+        self.refused: list[tuple[str, str]] = []
+
+    def _record(self, report: pytest.CollectReport | pytest.TestReport) -> None:
+        if report.skipped and not hasattr(report, "wasxfail"):
+            reason = skip_reason(report)
+            if allowed_skip(report.nodeid, reason) is None:
+                self.refused.append((report.nodeid, reason))
+
+    def pytest_collectreport(self, report: pytest.CollectReport) -> None:
+        self._record(report)
+
+    def pytest_runtest_logreport(self, report: pytest.TestReport) -> None:
+        self._record(report)
+
+    def pytest_sessionfinish(self, session: pytest.Session) -> None:
+        if self.refused and session.exitstatus in (pytest.ExitCode.OK, pytest.ExitCode.NO_TESTS_COLLECTED):
+            session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+    def pytest_terminal_summary(self, terminalreporter: pytest.TerminalReporter) -> None:
+        if not self.refused:
+            return
+        terminalreporter.section("skips not allowed under CI", sep="=", red=True, bold=True)
+        for nodeid, reason in self.refused:
+            terminalreporter.line(f"{nodeid}: {reason}", red=True)
+        terminalreporter.line(
+            f"{len(self.refused)} skip(s) above fail this CI run: under CI=true a test may skip only for a reason"
+            " on SKIP_ALLOWLIST in distill_pipeline_tests/conftest.py. Install what the test needs (`make test`"
+            " does), or, if it needs a GPU, mark it `@pytest.mark.gpu`."
+        )
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    if running_under_ci():
+        config.pluginmanager.register(SkipPolicy(), "distill-skip-policy")
+
+
+def cuda_available() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return bool(torch.cuda.is_available())
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    gpu_tests = [item for item in items if item.get_closest_marker("gpu")]
+    if gpu_tests and not cuda_available():  # torch is imported only when a `gpu` test is collected
+        for item in gpu_tests:
+            item.add_marker(pytest.mark.skip(reason=GPU_SKIP_REASON))
+
 
 _DUMMY_AWS_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",

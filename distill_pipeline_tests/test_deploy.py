@@ -59,7 +59,7 @@ INSTANCE_ENV = {
 
 def _compose(*args: str, env_file: Path) -> subprocess.CompletedProcess[str]:
     if shutil.which("docker-compose") is None:
-        pytest.skip("docker-compose is not installed (.ci/run installs Debian's package)")
+        pytest.skip("docker-compose is not installed (`make test` installs Debian's package)")
     files = [a for f in ("docker-compose.yaml", *args) for a in ("-f", str(DOCKER / f))]
     # A clean environment, so that nothing from the shell (or a docker/.env) fills a variable.
     env = {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/tmp")}

@@ -19,9 +19,8 @@ from distill_pipeline.logs.importer import (
     object_payloads,
 )
 from distill_pipeline.logs.schema import LOG_PREFIX, SCHEMA_FIELDS, encode_log_object
-
-JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
-TEACHER_RESPONSES = JIGSAW / "teacher_responses.parquet"
+from distill_pipeline_tests.conftest import JIGSAW_TEACHER_RESPONSES as TEACHER_RESPONSES
+from distill_pipeline_tests.conftest import requires_shared_jigsaw
 
 JSON_TYPES = {"string": (str,), "integer": (int,), "number": (int, float), "object": (dict,)}
 
@@ -44,7 +43,7 @@ def assert_schema(record: dict) -> None:
             assert isinstance(value, JSON_TYPES[spec.json_type]) and not isinstance(value, bool), spec.name
 
 
-@pytest.mark.skipif(not TEACHER_RESPONSES.is_file(), reason=f"shared Jigsaw data not found at {JIGSAW}")
+@requires_shared_jigsaw
 def test_real_teacher_responses_import_completely_and_idempotently(tmp_path: Path) -> None:
     task = load_task("toxicity")
     source = pq.read_table(TEACHER_RESPONSES)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 
 import pytest
 
@@ -17,9 +16,7 @@ from distill_pipeline.data.parsing import (
     parse_label,
     parse_responses,
 )
-
-JIGSAW_DIR = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
-TEACHER_RESPONSES = JIGSAW_DIR / "teacher_responses.parquet"
+from distill_pipeline_tests.conftest import JIGSAW_TEACHER_RESPONSES, requires_shared_jigsaw
 
 TOXICITY = load_task("toxicity").label
 
@@ -46,12 +43,12 @@ def failed(error: str) -> ParseResult:
 
 @pytest.fixture(scope="module")
 def teacher_responses():
-    if not TEACHER_RESPONSES.is_file():
-        pytest.skip(f"shared Jigsaw teacher responses not found at {TEACHER_RESPONSES}")
-    pd = pytest.importorskip("pandas")
-    return pd.read_parquet(TEACHER_RESPONSES, columns=["raw_response", "parsed_is_bad"])
+    import pandas as pd
+
+    return pd.read_parquet(JIGSAW_TEACHER_RESPONSES, columns=["raw_response", "parsed_is_bad"])
 
 
+@requires_shared_jigsaw
 def test_parser_agrees_with_the_source_repository_parse_on_every_row(teacher_responses):
     assert len(teacher_responses) == 8170
     responses = teacher_responses["raw_response"].tolist()
@@ -76,11 +73,13 @@ def test_parser_agrees_with_the_source_repository_parse_on_every_row(teacher_res
     assert {result.method for result in results} == {"json", "python_literal"}
 
 
+@requires_shared_jigsaw
 def test_cached_parse_matches_one_by_one_parse_on_real_data(teacher_responses):
     responses = teacher_responses["raw_response"].tolist()
     assert parse_responses(responses, TOXICITY) == [parse_label(text, TOXICITY) for text in responses]
 
 
+@requires_shared_jigsaw
 def test_canonical_fast_path_agrees_with_the_general_parser(teacher_responses):
     shapes = set(teacher_responses["raw_response"]) | {
         '{"is_bad": 2}',
