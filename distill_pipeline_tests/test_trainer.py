@@ -41,8 +41,8 @@ from distill_pipeline.trainer.data import (  # noqa: E402
 )
 from distill_pipeline.trainer.model import decoder_target_log_probs, label_log_scores  # noqa: E402
 from distill_pipeline.trainer.predict import load_student  # noqa: E402
-from distill_pipeline.trainer.spec import TrainSpec  # noqa: E402
-from distill_pipeline.trainer.train import train  # noqa: E402
+from distill_pipeline.trainer.spec import StudentSettings, TrainSpec  # noqa: E402
+from distill_pipeline.trainer.train import planned_epochs, train  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 NICE = ["lovely", "kind", "great", "wonderful", "thanks", "helpful", "friendly"]
@@ -178,11 +178,52 @@ def test_spec_round_trips_through_json(tmp_path: Path) -> None:
         ({"train_path": "t", "prompt_template": "no placeholder"}, "exactly once"),
         ({"train_path": "t", "label_values": [0, 1], "label_names": ["a"]}, "same length"),
         ({"train_path": "t", "batch_size": 0}, "batch_size"),
+        ({"train_path": "t", "epochs": "3"}, "epochs must be int, not '3'"),
+        ({"train_path": "t", "packing": "yes"}, "packing must be bool"),
+        ({"train_path": "t", "min_train_steps": 0}, "min_train_steps must be at least 1 or null"),
+        ({"train_path": 3}, "train_path must be str"),
+        ({"train_path": "t", "label_values": [0, 1], "positive_label": 2}, "positive_label"),
     ],
 )
 def test_spec_rejects_bad_input(raw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message):
         TrainSpec.from_json(json.dumps(raw))
+
+
+def test_spec_json_is_one_flat_object_of_the_student_settings_and_the_run_fields() -> None:
+    settings = StudentSettings(grad_accum_steps=4, gradient_checkpointing=True, min_train_steps=50)
+    spec = TrainSpec(**dataclasses.asdict(settings), train_path="t", output_dir="o", label_values=[0, 1])
+    raw = json.loads(spec.to_json())
+    assert set(raw) == {f.name for f in dataclasses.fields(TrainSpec)}
+    assert {name: raw[name] for name in dataclasses.asdict(settings)} == dataclasses.asdict(settings)
+    assert not any(isinstance(value, dict) for value in raw.values())
+    assert TrainSpec.from_json(spec.to_json()) == spec
+    with pytest.raises(ValueError, match="invalid StudentSettings: lora_r must be at least 1"):
+        StudentSettings(lora_r=0)
+
+
+@pytest.mark.parametrize(
+    ("settings", "batches_per_epoch", "epochs"),
+    [
+        ({"epochs": 1}, 9, 1),
+        ({"epochs": 1, "min_train_steps": 60}, 9, 7),
+        ({"epochs": 1, "min_train_steps": 60}, 600, 1),
+        ({"epochs": 3, "min_train_steps": 10}, 9, 3),
+        # Steps, not micro-batches: 4 epochs of 9 in fours are 9 steps, 5 are 12.
+        ({"epochs": 1, "min_train_steps": 10, "grad_accum_steps": 4}, 9, 5),
+        # One epoch of 9 in twos is already 5 steps (the last one short).
+        ({"epochs": 1, "min_train_steps": 5, "grad_accum_steps": 2}, 9, 1),
+    ],
+)
+def test_min_train_steps_adds_the_fewest_epochs_that_reach_it(
+    settings: dict, batches_per_epoch: int, epochs: int
+) -> None:
+    student = StudentSettings(**settings)
+    assert planned_epochs(student, batches_per_epoch) == epochs
+    if student.min_train_steps is not None:
+        steps = -(-epochs * batches_per_epoch // student.grad_accum_steps)
+        fewer = -(-(epochs - 1) * batches_per_epoch // student.grad_accum_steps)
+        assert steps >= student.min_train_steps and (epochs == student.epochs or fewer < student.min_train_steps)
 
 
 def test_max_length_is_the_95th_percentile_rounded_up_and_capped() -> None:
@@ -455,6 +496,65 @@ def test_a_killed_run_resumes_to_the_same_adapter_as_an_uninterrupted_one(
 
     assert curve(out) == curve(tmp_path / "straight")
     assert not list(out.glob("checkpoint-*"))  # a finished run keeps no checkpoints
+
+
+def test_min_train_steps_trains_a_small_set_for_more_epochs(
+    tiny_llama: Path, decoder_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    # 96 rows in micro-batches of 8: 12 steps an epoch, so 20 steps need a second epoch.
+    spec = decoder_spec(tiny_llama, decoder_data, tmp_path / "run", epochs=1, min_train_steps=20, eval_every_steps=None)
+    result = train(spec, log=quiet)
+    steps = [m for m in read_metrics(tmp_path / "run") if "loss" in m]
+    assert result.steps == result.total_steps == len(steps) == 24
+    assert steps[-1]["epoch"] == 2.0
+    # spec.json keeps the settings as given: the same spec resumes and reuses the same run.
+    assert TrainSpec.from_file(tmp_path / "run" / "spec.json") == spec
+
+
+def test_gradient_checkpointing_is_enabled_and_trains_the_same_curve(
+    tiny_llama: Path, decoder_data: tuple[Path, Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    train_module = sys.modules[train.__module__]
+    layer_calls: list[int] = []
+    students = []
+
+    def add_lora_and_count(model, config, **options):
+        student = trainer_model.add_lora(model, config, **options)
+        students.append(student)
+        layer_calls.append(0)
+        # A module inside a layer, its forward counted itself: module hooks do not run on a recompute.
+        first_mlp = next(m for m in student.modules() if type(m).__name__ == "LlamaMLP")
+        mlp_forward = first_mlp.forward
+
+        def counted_forward(*args, **kwargs):
+            layer_calls[-1] += 1
+            return mlp_forward(*args, **kwargs)
+
+        first_mlp.forward = counted_forward
+        return student
+
+    monkeypatch.setattr(train_module, "add_lora", add_lora_and_count)
+    # With LoRA dropout, so the recomputed forward must replay the same random masks.
+    settings = {"epochs": 1, "eval_every_steps": None, "lora_dropout": 0.1}
+    plain = train(decoder_spec(tiny_llama, decoder_data, tmp_path / "plain", **settings), log=quiet)
+    checkpointed = train(
+        decoder_spec(tiny_llama, decoder_data, tmp_path / "checkpointed", gradient_checkpointing=True, **settings),
+        log=quiet,
+    )
+
+    def checkpointing(model) -> bool:
+        # What transformers' is_activation_checkpointing (is_gradient_checkpointing before) reads.
+        return any(getattr(module, "gradient_checkpointing", False) for module in model.modules())
+
+    assert [checkpointing(s) for s in students] == [False, True]
+    # Each training micro-batch runs a checkpointed layer twice: in the forward, then again in the backward.
+    assert layer_calls[1] - layer_calls[0] == checkpointed.steps == plain.steps == 12
+
+    def losses(run: Path) -> list[float]:
+        return [m["loss"] for m in read_metrics(run) if "loss" in m]
+
+    assert losses(tmp_path / "checkpointed") == pytest.approx(losses(tmp_path / "plain"), rel=1e-4)
+    assert checkpointed.val_loss == pytest.approx(plain.val_loss, rel=1e-4)
 
 
 def test_a_different_spec_does_not_resume_another_runs_checkpoints(

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import os
 import tomllib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
+
+from distill_pipeline.trainer.spec import StudentSettings
 
 BUILTIN_TASKS_DIR = Path(__file__).parent.parent / "tasks"
 DEFAULT_TASK = "toxicity"
@@ -76,45 +78,6 @@ class CheckConfig:
 
 
 @dataclass(frozen=True)
-class StudentConfig:
-    """The student ``lora_adapter`` trains; each field is the TrainSpec field of the same name.
-
-    The defaults train the packaged all-MiniLM-L6-v2 encoder briskly enough that the demo's six
-    training-set sizes fit in minutes on two CPU cores; a GPU allows more epochs and length.
-    """
-
-    kind: str = "encoder"
-    # None: the packaged all-MiniLM-L6-v2 (encoder only); else a Hugging Face id or local folder.
-    base_model: str | None = None
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.0
-    target_modules: tuple[str, ...] | None = None
-    max_length_cap: int = 128
-    epochs: int = 1
-    # Small training sets get more epochs, up to about this many optimiser steps: a few dozen
-    # steps are too few for the classifier to leave the majority label.
-    min_train_steps: int = 60
-    learning_rate: float = 2e-3
-    batch_size: int = 32
-    validation_fraction: float = 0.1
-    eval_every_steps: int | None = 100
-    checkpoint_every_steps: int | None = 100
-    seed: int = 0
-    # Two-label tasks: label positive where P(positive) reaches the threshold that maximises
-    # accuracy on the validation rows, rather than where it passes 0.5.
-    calibrate_threshold: bool = True
-    # Decoder only: how an input is shown to the student ("{input}" marks the place).
-    prompt_template: str | None = None
-
-    def __post_init__(self) -> None:
-        if self.kind not in ("encoder", "decoder"):
-            raise TaskConfigError(f"student.kind must be 'encoder' or 'decoder', not {self.kind!r}")
-        if self.kind == "decoder" and self.base_model is None:
-            raise TaskConfigError("a decoder student needs student.base_model (a Hugging Face id or local folder)")
-
-
-@dataclass(frozen=True)
 class MonitoringConfig:
     """Keeping the student current: how often it is re-distilled and when drift calls for retraining.
 
@@ -127,6 +90,10 @@ class MonitoringConfig:
     retrain_size: str = "100%"
     # How often the fresh-logs, automation and retraining sensors look (seconds).
     sensor_interval_s: int = 60
+    # The fresh-logs sensor looks at this many most recent days per tick (today included), so a
+    # tick costs the same however long the bucket's history; objects written for older days are
+    # ingested by launching that day's partition from the UI.
+    fresh_log_days: int = 7
     # Rows sampled from each side for the drift statistics; bounds their cost on a CPU.
     sample_rows: int = 400
     embedding_rows: int = 200
@@ -147,8 +114,8 @@ class MonitoringConfig:
     def __post_init__(self) -> None:
         if min(self.sample_rows, self.embedding_rows, self.permutations, self.shadow_rows, self.min_rows) < 1:
             raise TaskConfigError("monitoring row counts and permutations must be positive")
-        if self.sensor_interval_s < 1:
-            raise TaskConfigError("monitoring.sensor_interval_s must be positive")
+        if self.sensor_interval_s < 1 or self.fresh_log_days < 1:
+            raise TaskConfigError("monitoring.sensor_interval_s and monitoring.fresh_log_days must be positive")
 
 
 @dataclass(frozen=True)
@@ -178,7 +145,8 @@ class Task:
     splits: SplitConfig
     checks: CheckConfig
     source: Path
-    student: StudentConfig = field(default_factory=StudentConfig)
+    # The [student] table: any StudentSettings field, by its name (the trainer's defaults).
+    student: StudentSettings = field(default_factory=StudentSettings)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
 
@@ -211,6 +179,31 @@ def _label_spec(raw: dict[str, Any]) -> LabelSpec:
     if positive is not None and int(positive) not in values:
         raise TaskConfigError("label.positive must be one of label.values")
     return LabelSpec(str(raw["field"]), values, names, None if positive is None else int(positive), aliases)
+
+
+#: Old [student] keys still accepted, and the StudentSettings field each one sets.
+STUDENT_KEY_ALIASES = {"kind": "student_kind"}
+
+
+def _student_settings(raw: dict[str, Any]) -> StudentSettings:
+    """The [student] table as StudentSettings: its keys are the field names (or an old alias)."""
+    settings = dict(raw)
+    for alias, name in STUDENT_KEY_ALIASES.items():
+        if alias in settings:
+            if name in settings:
+                raise TaskConfigError(f"[student] sets both {name!r} and its old name {alias!r}; keep {name!r}")
+            settings[name] = settings.pop(alias)
+    known = {f.name for f in fields(StudentSettings)}
+    unknown = sorted(set(settings) - known)
+    if unknown:
+        raise TaskConfigError(
+            f"[student] has unknown key(s) {', '.join(map(repr, unknown))}; the keys are StudentSettings' fields "
+            f"(distill_pipeline/trainer/spec.py): {', '.join(sorted(known))}"
+        )
+    try:
+        return StudentSettings(**settings)
+    except ValueError as exc:
+        raise TaskConfigError(f"[student]: {exc}") from None
 
 
 def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
@@ -247,9 +240,6 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
             )
         if "variations" in synthetic:
             synthetic["variations"] = tuple(str(v) for v in synthetic["variations"])
-        student = dict(raw.get("student", {}))
-        if "target_modules" in student:
-            student["target_modules"] = tuple(str(m) for m in student["target_modules"])
         return Task(
             id=raw["id"],
             description=raw.get("description", ""),
@@ -259,7 +249,7 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
             splits=SplitConfig(**splits),
             checks=CheckConfig(**raw.get("checks", {})),
             source=folder,
-            student=StudentConfig(**student),
+            student=_student_settings(raw.get("student", {})),
             synthetic=SyntheticConfig(**synthetic),
             monitoring=MonitoringConfig(**raw.get("monitoring", {})),
         )

@@ -63,14 +63,22 @@ def publish_folder(tmp: Path, final: Path) -> None:
     fsync_path(final.parent)
 
 
-def write_json_atomic(path: Path, payload: Any) -> None:
+def write_text_atomic(path: Path, text: str) -> None:
+    """The trainer's one atomic file write: written beside ``path``, synced, renamed over it.
+
+    The same idea as ``distill_pipeline.core.store.atomic_file``, kept as a copy on purpose: the
+    trainer is standalone and imports nothing of the rest of the package (ENGINEERING.md section 1).
+    """
     tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as handle:
-        json.dump(payload, handle, indent=2, sort_keys=True)
-        handle.write("\n")
+    with open(tmp, "w", encoding="utf-8") as handle:
+        handle.write(text)
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(tmp, path)
+
+
+def write_json_atomic(path: Path, payload: Any) -> None:
+    write_text_atomic(path, json.dumps(payload, indent=2, sort_keys=True) + "\n")
 
 
 def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:

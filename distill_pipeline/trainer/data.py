@@ -36,6 +36,8 @@ MAX_LENGTH_QUANTILE = 0.95
 MAX_LENGTH_MULTIPLE = 8
 
 
+# The pipeline's file hash is core.store.file_sha256; the trainer keeps its own because it runs
+# standalone, importing nothing of the pipeline.
 def sha256_file(path: str | Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

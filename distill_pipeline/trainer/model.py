@@ -149,10 +149,24 @@ def lora_config(kind: str, r: int, alpha: int, dropout: float, target_modules: S
     )
 
 
-def add_lora(model, config):
-    """The base wrapped with LoRA; trainable parameters kept in float32 whatever the base dtype."""
+def add_lora(model, config, *, gradient_checkpointing: bool = False):
+    """The base wrapped with LoRA; trainable parameters kept in float32 whatever the base dtype.
+
+    With gradient checkpointing, each layer of the base recomputes its activations in the backward
+    pass. Non-reentrant checkpointing needs no input that requires grad; transformers (and PEFT,
+    seeing a checkpointing base) still hook the input embeddings so that gradients flow through
+    the frozen layers to the LoRA weights whatever the checkpointing flavour.
+    """
     from peft import get_peft_model
 
+    if gradient_checkpointing:
+        non_reentrant = {"use_reentrant": False}
+        # transformers 5.x renamed gradient_checkpointing_enable (a deprecated alias until v6);
+        # the earliest 5.x releases have only the old name.
+        if hasattr(model, "activation_checkpointing_enable"):
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
     student = get_peft_model(model, config)
     for parameter in student.parameters():
         if parameter.requires_grad:

@@ -1,12 +1,17 @@
-"""TrainSpec: everything a training run depends on, as one JSON-serialisable dataclass.
+"""What a training run depends on, as JSON-serialisable dataclasses.
 
-The spec is the trainer's only input. It is written verbatim to ``<output_dir>/spec.json``, and a
-run only resumes from checkpoints made under the same spec.
+``StudentSettings`` is every option a task may set for its student (the task file's ``[student]``
+table takes exactly these field names); ``TrainSpec`` adds what only one run knows: its data files,
+label set, output folder and device. The spec is the trainer's only input. It is written verbatim
+(one flat JSON object) to ``<output_dir>/spec.json``, and a run only resumes from checkpoints made
+under the same spec.
 """
 
 from __future__ import annotations
 
 import json
+import types
+import typing
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Literal
@@ -18,26 +23,9 @@ INPUT_PLACEHOLDER = "{input}"
 DEFAULT_PROMPT_TEMPLATE = "Classify the text.\nText: {input}\nAnswer:"
 
 
-@dataclass
-class TrainSpec:
-    """One training run of a LoRA student. Paths are local files or folders."""
-
-    # Data: Parquet or JSON Lines files with a text column and an integer label column.
-    train_path: str
-    validation_path: str | None = None
-    # Without a validation file, this fraction of the training rows (a seeded draw) validates.
-    validation_fraction: float = 0.1
-    text_column: str = "input"
-    label_column: str = "label"
-    # None: the sorted distinct labels of the training data.
-    label_values: list[int] | None = None
-    # None: the values as text. A decoder student is trained to answer with these names.
-    label_names: list[str] | None = None
-    # Two labels only: the label whose probability the decision threshold cuts. With
-    # calibrate_threshold, the cut-off that maximises validation accuracy is recorded beside the
-    # adapter and used by every prediction; otherwise (or without positive_label) it is argmax.
-    positive_label: int | None = None
-    calibrate_threshold: bool = True
+@dataclass(kw_only=True)
+class StudentSettings:
+    """How a LoRA student is built and trained, whatever data it is trained on."""
 
     # Model: a Hugging Face id or a local folder. None means the packaged all-MiniLM-L6-v2
     # (encoder only; its weights' SHA-256 is checked on load).
@@ -59,6 +47,10 @@ class TrainSpec:
 
     # Optimisation. batch_size counts examples per micro-batch.
     epochs: int = 3
+    # None: no minimum. Else a training set too small for this many optimiser steps in `epochs`
+    # gets the fewest more epochs that reach it: a few dozen steps are too few for a classifier
+    # to leave the majority label.
+    min_train_steps: int | None = None
     learning_rate: float = 2e-4
     lr_schedule: LrSchedule = "linear"
     warmup_ratio: float = 0.06
@@ -66,31 +58,99 @@ class TrainSpec:
     max_grad_norm: float | None = 1.0
     batch_size: int = 16
     grad_accum_steps: int = 1
+    # Recompute each layer's activations in the backward pass instead of keeping them: less
+    # memory for longer sequences or larger batches, about a third more compute per step.
+    gradient_checkpointing: bool = False
     seed: int = 0
 
+    # Without a validation file, this fraction of the training rows (a seeded draw) validates.
+    validation_fraction: float = 0.1
+    # Two labels with a positive_label: the cut-off on P(positive) that maximises validation
+    # accuracy is recorded beside the adapter and used by every prediction; otherwise argmax.
+    calibrate_threshold: bool = True
     # Validation (loss and accuracy) every N optimiser steps and always at the end; None: at the
     # end only. With early stopping, training stops after this many validations without a better
     # loss. The exported adapter is the one with the best validation loss.
     eval_every_steps: int | None = 50
     early_stopping_patience: int | None = None
 
-    # Outputs and runtime.
-    output_dir: str = "student"
     # None: no checkpoints (a killed run then starts over).
     checkpoint_every_steps: int | None = 100
-    device: str = "auto"
+    # Also export the base with the adapter merged into it (merged/).
     merged_export: bool = False
 
     def __post_init__(self) -> None:
-        problems = []
-        if self.student_kind not in ("encoder", "decoder"):
-            problems.append(f"student_kind must be 'encoder' or 'decoder', not {self.student_kind!r}")
+        problems = self.problems()
+        if problems:
+            raise ValueError(f"invalid {type(self).__name__}: " + "; ".join(problems))
+
+    def problems(self) -> list[str]:
+        """What is wrong with the settings, each naming its field; empty when they are valid."""
+        problems = type_problems(self, [f.name for f in fields(StudentSettings)])
+        if problems:
+            # The checks below compare values, which a value of the wrong type would break.
+            return problems
         if self.student_kind == "decoder" and self.base_model is None:
             problems.append("a decoder student needs base_model (a Hugging Face id or local path)")
-        if self.lr_schedule not in ("linear", "cosine", "constant"):
-            problems.append(f"lr_schedule must be linear, cosine or constant, not {self.lr_schedule!r}")
+        if self.target_modules is not None and not self.target_modules:
+            problems.append("target_modules must name at least one module, or be null for PEFT's default")
         if self.prompt_template.count(INPUT_PLACEHOLDER) != 1:
             problems.append(f"prompt_template must contain {INPUT_PLACEHOLDER} exactly once")
+        if not 0.0 < self.validation_fraction < 1.0:
+            problems.append("validation_fraction must be between 0 and 1")
+        for name in ("lora_r", "epochs", "batch_size", "grad_accum_steps", "max_length_cap"):
+            if getattr(self, name) < 1:
+                problems.append(f"{name} must be at least 1")
+        for name in (
+            "max_length",
+            "min_train_steps",
+            "eval_every_steps",
+            "early_stopping_patience",
+            "checkpoint_every_steps",
+        ):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                problems.append(f"{name} must be at least 1 or null")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            problems.append("lora_dropout must be in [0, 1)")
+        if not 0.0 <= self.warmup_ratio < 1.0:
+            problems.append("warmup_ratio must be in [0, 1)")
+        if self.learning_rate <= 0.0:
+            problems.append("learning_rate must be positive")
+        if self.weight_decay < 0.0:
+            problems.append("weight_decay must not be negative")
+        if self.max_grad_norm is not None and self.max_grad_norm <= 0.0:
+            problems.append("max_grad_norm must be positive or null")
+        return problems
+
+
+@dataclass(kw_only=True)
+class TrainSpec(StudentSettings):
+    """One training run of a LoRA student. Paths are local files or folders."""
+
+    # Data: Parquet or JSON Lines files with a text column and an integer label column.
+    train_path: str
+    # None: validation_fraction of the training rows validates.
+    validation_path: str | None = None
+    text_column: str = "input"
+    label_column: str = "label"
+    # None: the sorted distinct labels of the training data.
+    label_values: list[int] | None = None
+    # None: the values as text. A decoder student is trained to answer with these names.
+    label_names: list[str] | None = None
+    # Two labels only: the label whose probability calibrate_threshold's cut-off applies to
+    # (without it, predictions are argmax).
+    positive_label: int | None = None
+
+    # Outputs and runtime.
+    output_dir: str = "student"
+    device: str = "auto"
+
+    def problems(self) -> list[str]:
+        settings = {f.name for f in fields(StudentSettings)}
+        problems = super().problems() + type_problems(self, [f.name for f in fields(self) if f.name not in settings])
+        if problems:
+            return problems
         if self.label_names is not None and (
             self.label_values is None or len(self.label_names) != len(self.label_values)
         ):
@@ -103,19 +163,7 @@ class TrainSpec:
             self.label_values is None or self.positive_label not in self.label_values or len(self.label_values) != 2
         ):
             problems.append("positive_label needs exactly two label_values, one of them the positive_label")
-        if not 0.0 < self.validation_fraction < 1.0:
-            problems.append("validation_fraction must be between 0 and 1")
-        for name in ("lora_r", "epochs", "batch_size", "grad_accum_steps", "max_length_cap"):
-            if getattr(self, name) < 1:
-                problems.append(f"{name} must be at least 1")
-        for name in ("max_length", "eval_every_steps", "early_stopping_patience", "checkpoint_every_steps"):
-            value = getattr(self, name)
-            if value is not None and value < 1:
-                problems.append(f"{name} must be at least 1 or null")
-        if not 0.0 <= self.warmup_ratio < 1.0:
-            problems.append("warmup_ratio must be in [0, 1)")
-        if problems:
-            raise ValueError("invalid TrainSpec: " + "; ".join(problems))
+        return problems
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), indent=2, sort_keys=True) + "\n"
@@ -134,3 +182,48 @@ class TrainSpec:
     @classmethod
     def from_file(cls, path: str | Path) -> TrainSpec:
         return cls.from_json(Path(path).read_text())
+
+
+def type_problems(spec: StudentSettings, names: list[str]) -> list[str]:
+    """The named fields whose values do not have their annotated type, one message each.
+
+    Specs come from JSON and TOML files, where ``epochs = "3"`` or ``packing = "yes"`` parse fine;
+    checked here, the mistake is named by its field rather than surfacing as a TypeError mid-run.
+    """
+    hints = typing.get_type_hints(type(spec))
+    return [
+        f"{name} must be {_type_name(hints[name])}, not {getattr(spec, name)!r}"
+        for name in names
+        if not _has_type(getattr(spec, name), hints[name])
+    ]
+
+
+def _has_type(value: object, annotation: object) -> bool:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return any(value == arg and type(value) is type(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return any(_has_type(value, arg) for arg in args)
+    if origin is list:
+        return isinstance(value, list) and all(_has_type(item, args[0]) for item in value)
+    if annotation is type(None):
+        return value is None
+    if annotation is float:
+        # An int is a float here (TOML and JSON may write 0 for 0.0); a bool is neither.
+        return isinstance(value, int | float) and not isinstance(value, bool)
+    if annotation is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, annotation)  # type: ignore[arg-type]
+
+
+def _type_name(annotation: object) -> str:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Literal:
+        return " or ".join(repr(arg) for arg in args)
+    if origin in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(arg) for arg in args)
+    if origin is list:
+        return f"a list of {_type_name(args[0])}"
+    if annotation is type(None):
+        return "null"
+    return getattr(annotation, "__name__", str(annotation))

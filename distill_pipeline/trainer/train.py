@@ -6,7 +6,8 @@ One straight path, top to bottom:
 2. seed everything; pick the device (CUDA: bf16 autocast + SDPA; else CPU, with a notice)
 3. load the tables, fix the label set, split off validation rows, hash the data
 4. load the base model and wrap it with LoRA; choose max_length from the data; tokenise
-5. AdamW on the trainable parameters, warmup + linear/cosine/constant schedule
+5. the number of epochs (more on a small set, for min_train_steps); AdamW on the trainable
+   parameters, warmup + linear/cosine/constant schedule
 6. resume from the last complete checkpoint if there is one
 7. loop: length-bucketed micro-batches, gradient accumulation, clipping, a metrics line per
    step, validation every eval_every_steps (early stopping), an atomic checkpoint every
@@ -25,7 +26,6 @@ import argparse
 import itertools
 import json
 import math
-import os
 import shutil
 import sys
 import time
@@ -44,6 +44,7 @@ from distill_pipeline.trainer.checkpoint import (
     publish_folder,
     save_checkpoint,
     write_json_atomic,
+    write_text_atomic,
 )
 from distill_pipeline.trainer.data import (
     Example,
@@ -69,7 +70,7 @@ from distill_pipeline.trainer.model import (
     to_device,
 )
 from distill_pipeline.trainer.predict import STUDENT_FILE, DecisionRule, decide, make_codec, student_metadata
-from distill_pipeline.trainer.spec import TrainSpec
+from distill_pipeline.trainer.spec import StudentSettings, TrainSpec
 
 RESULT_FILE = "result.json"
 SPEC_FILE = "spec.json"
@@ -125,9 +126,7 @@ class MetricsLog:
 
 
 def write_lines_atomic(path: Path, lines: list[str]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text("".join(line + "\n" for line in lines))
-    os.replace(tmp, path)
+    write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
 def claim_output_dir(output_dir: Path, spec: TrainSpec) -> TrainResult | None:
@@ -142,6 +141,16 @@ def claim_output_dir(output_dir: Path, spec: TrainSpec) -> TrainResult | None:
     else:
         write_lines_atomic(spec_path, spec.to_json().splitlines())
     return None
+
+
+def planned_epochs(settings: StudentSettings, batches_per_epoch: int) -> int:
+    """The spec's epochs, or the fewest more that train at least min_train_steps optimiser steps."""
+    if settings.min_train_steps is None:
+        return settings.epochs
+    # The run trains ceil(epochs * batches_per_epoch / grad_accum_steps) steps; this is the
+    # smallest epochs for which that reaches the minimum.
+    needed = (settings.min_train_steps - 1) * settings.grad_accum_steps // batches_per_epoch + 1
+    return max(settings.epochs, needed)
 
 
 def trainable_weights(model) -> dict[str, torch.Tensor]:
@@ -192,7 +201,9 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
     with quiet_loading():
         model = load_base_model(spec.student_kind, base_model, labels, runtime)
         student = add_lora(
-            model, lora_config(spec.student_kind, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules)
+            model,
+            lora_config(spec.student_kind, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules),
+            gradient_checkpointing=spec.gradient_checkpointing,
         )
     position_limit = getattr(model.config, "max_position_embeddings", None) or spec.max_length_cap
     target_modules = sorted(student.peft_config["default"].target_modules)
@@ -209,16 +220,20 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
     log(
         f"{spec.student_kind} student on {base_model}: LoRA r={spec.lora_r} on {target_modules}, "
         f"{n_trainable:,} of {n_total:,} parameters trainable; max_length {max_length}; "
+        f"{'gradient checkpointing; ' if spec.gradient_checkpointing else ''}"
         f"{len(train_examples)} training rows, {len(val_examples)} validation rows"
     )
 
-    # ---- optimiser and schedule
+    # ---- epochs, optimiser and schedule
+    batches_per_epoch = math.ceil(len(train_examples) / spec.batch_size)
+    epochs = planned_epochs(spec, batches_per_epoch)
+    total_steps = math.ceil(epochs * batches_per_epoch / spec.grad_accum_steps)
+    if epochs != spec.epochs:
+        log(f"{epochs} epochs instead of {spec.epochs}, for at least min_train_steps={spec.min_train_steps} steps")
     trainable = [p for p in student.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(
         trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=runtime.device.type == "cuda"
     )
-    batches_per_epoch = math.ceil(len(train_examples) / spec.batch_size)
-    total_steps = math.ceil(spec.epochs * batches_per_epoch / spec.grad_accum_steps)
     scheduler = get_scheduler(
         "constant_with_warmup" if spec.lr_schedule == "constant" else spec.lr_schedule,
         optimizer,
@@ -248,7 +263,7 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
     def micro_batches(start: int) -> Iterator[tuple[int, list[int]]]:
         """(epoch, example indices) from the start-th micro-batch of the whole run on."""
         epoch, offset = divmod(start, batches_per_epoch)
-        for e in range(epoch, spec.epochs):
+        for e in range(epoch, epochs):
             for indices in length_bucketed_batches(train_lengths, spec.batch_size, spec.seed, e)[offset:]:
                 yield e, indices
             offset = 0
