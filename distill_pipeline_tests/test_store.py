@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from botocore.awsrequest import AWSResponse
+from botocore.exceptions import ClientError
+from botocore.retries.standard import ExponentialBackoff
 
 from distill_pipeline.core.store import (
     DEFAULT_LOCAL_STORE,
+    S3_MAX_ATTEMPTS,
+    S3_RETRY_CONFIG,
     LocalStore,
     ObjectNotFound,
     ObjectStore,
     S3Store,
+    file_sha256,
+    make_s3_client,
     open_store,
 )
+from distill_pipeline.defs.core.resources import StoreResource
 
 INVALID_KEYS = ["", "../x", "/abs", "a//b", "a/../b", "./a", "a/.", "a/..", "a/", "..", "."]
 BINARY = bytes(range(256)) * 4
@@ -257,3 +266,87 @@ class TestOpenStore:
         store = open_store()
         assert isinstance(store, LocalStore)
         assert store.root == (tmp_path / DEFAULT_LOCAL_STORE).resolve()
+
+
+class _Body:
+    """The raw body botocore reads an AWSResponse's content from."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def stream(self, **_: object):
+        yield self.data
+
+
+def _s3_error(status: int, code: str) -> AWSResponse:
+    body = f"<?xml version='1.0'?><Error><Code>{code}</Code><Message>{code}</Message></Error>".encode()
+    return AWSResponse("http://s3.test", status, {"Content-Type": "application/xml"}, _Body(body))
+
+
+def _intercept_puts(store: S3Store, answer: Callable[[int], AWSResponse | None]) -> list[int]:
+    """Answer each PutObject attempt (numbered from 1) with ``answer(n)``, or send it on when None."""
+    attempts: list[int] = []
+
+    def before_send(**_: object) -> AWSResponse | None:
+        attempts.append(len(attempts) + 1)
+        return answer(attempts[-1])
+
+    store.client.meta.events.register("before-send.s3.PutObject", before_send)
+    return attempts
+
+
+@pytest.fixture
+def no_backoff_waits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """botocore's backoff computed as zero, so a test of ten attempts takes no ten seconds."""
+    monkeypatch.setattr(ExponentialBackoff, "delay_amount", lambda self, context: 0.0)
+
+
+def test_s3_throttling_is_retried_by_botocore(s3_store: S3Store, no_backoff_waits: None) -> None:
+    attempts = _intercept_puts(s3_store, lambda n: _s3_error(503, "SlowDown") if n <= 2 else None)
+    s3_store.put_bytes("throttled", b"landed")
+    assert attempts == [1, 2, 3]  # two 503 SlowDown, then the real put on the moto server
+    assert s3_store.get_bytes("throttled") == b"landed"
+
+
+def test_s3_retries_are_botocores_alone(s3_store: S3Store, no_backoff_waits: None) -> None:
+    """A bucket that keeps throttling gets S3_MAX_ATTEMPTS calls in all, not attempts x retries."""
+    attempts = _intercept_puts(s3_store, lambda n: _s3_error(503, "SlowDown"))
+    with pytest.raises(ClientError, match="SlowDown"):
+        s3_store.put_bytes("never", b"x")
+    assert len(attempts) == S3_MAX_ATTEMPTS
+
+
+def test_s3_access_denied_is_not_retried(s3_store: S3Store, no_backoff_waits: None) -> None:
+    attempts = _intercept_puts(s3_store, lambda n: _s3_error(403, "AccessDenied"))
+    with pytest.raises(ClientError, match="AccessDenied"):
+        s3_store.put_bytes("forbidden", b"x")
+    assert attempts == [1]
+
+
+def test_every_s3_client_retries_alike(moto_s3_server: str) -> None:
+    """The store resource's client (from dagster-aws's S3Resource) has make_s3_client's retry policy."""
+    resource_store = StoreResource(url="s3://bucket/prefix", endpoint_url=moto_s3_server).open()
+    assert isinstance(resource_store, S3Store)
+    assert resource_store.client.meta.config.retries == S3_RETRY_CONFIG
+    assert make_s3_client(moto_s3_server).meta.config.retries == S3_RETRY_CONFIG
+
+
+def test_local_get_file_is_atomic(local_store: LocalStore, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A download that fails half-way leaves the old file whole and no temporary file behind."""
+    target = tmp_path / "out" / "blob.bin"
+    target.parent.mkdir()
+    target.write_bytes(b"old")
+    local_store.put_bytes("blob", BINARY)
+
+    def broken_copy(source, destination, length=0):
+        destination.write(source.read(10))
+        raise OSError("disk full")
+
+    monkeypatch.setattr("distill_pipeline.core.store.shutil.copyfileobj", broken_copy)
+    with pytest.raises(OSError, match="disk full"):
+        local_store.get_file("blob", target)
+    assert target.read_bytes() == b"old"
+    assert [path.name for path in target.parent.iterdir()] == ["blob.bin"]
+    monkeypatch.undo()
+    local_store.get_file("blob", target)
+    assert file_sha256(target) == file_sha256(local_store.root / "blob")

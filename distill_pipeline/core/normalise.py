@@ -1,14 +1,26 @@
-"""A fast DuckDB function for the normalised text of ASCII inputs (see ``normalised_text_sql``).
+"""The normalised text of an input and its word set: the one rule every comparison of inputs uses.
 
-Inputs are compared by their normalised text: lower case, every run of characters that are not
-letters or digits folded into one space, trimmed. In SQL that is one ``regexp_replace``, but
-RE2's global replace costs over a microsecond per text in DuckDB, and the pipeline normalises
-every input three times (curation, test sets, training set). For ASCII text, nearly all of it,
-the same result is a byte-table lookup and a collapse of separator runs, vectorised with numpy
-over a whole vector of texts; other texts are left to the regex (the function returns NULL).
+An input's normalised text is the text with each character lower-cased on its own (as DuckDB's
+``lower`` does it: no final sigma, "İ" -> "i"), every run of characters that are not letters
+or numbers (Unicode categories L and N) folded into one space, and trimmed. Its words are what the
+spaces separate; two texts are alike by the Jaccard similarity of their word sets (1.0 for two
+texts without words). The rule is written here, in the forms its users need, and
+``test_normalise.py`` holds them to the same answers on hostile text:
+
+- SQL, for DuckDB's set work over whole tables (curation, test sets, the training set):
+  :func:`normalised_text_sql`, :func:`word_set_sql`, :func:`jaccard_sql`;
+- Python, for a few texts at a time (the synthetic rewrites' filter): :func:`normalised_text`,
+  :func:`word_set`, :func:`jaccard`;
+- a fast DuckDB function for ASCII texts, :func:`normalise_ascii`. In SQL the rule is one
+  ``regexp_replace``, but RE2's global replace costs over a microsecond per text in DuckDB, and
+  the pipeline normalises every input three times. For ASCII text, nearly all of it, the same
+  result is a byte-table lookup and a collapse of separator runs, vectorised with numpy over a
+  whole vector of texts; other texts are left to the regex (the function returns NULL).
 """
 
 from __future__ import annotations
+
+import re
 
 import duckdb
 import duckdb.sqltypes
@@ -17,6 +29,54 @@ import pyarrow as pa
 
 #: The name the function is registered under on every connection from ``duck.connect``.
 NORMALISE_ASCII_FUNCTION = "distill_normalise_ascii"
+
+# What separates words, in RE2's syntax and in Python's: in a str pattern ``\w`` is a letter, a
+# digit or "_", so ``[\W_]`` is "neither a letter nor a digit". Characters newer than Python's
+# Unicode tables (unassigned for it) are separators in Python and may be letters in RE2.
+_SEPARATORS_RE2 = r"[^\p{L}\p{N}]+"
+_SEPARATORS = re.compile(r"[\W_]+")
+
+
+def normalised_text(text: str) -> str:
+    """The normalised text of ``text`` (see the module's docstring); what ``normalised_text_sql`` gives."""
+    # Character by character, as DuckDB lowers: str.lower() on the whole text would end a word in
+    # final sigma, and its "İ" is two characters; the first is the one-character mapping.
+    lowered = "".join(char.lower()[0] for char in text)
+    return _SEPARATORS.sub(" ", lowered).strip(" ")
+
+
+def word_set(text: str) -> frozenset[str]:
+    """The distinct words of ``text``'s normalised text."""
+    return frozenset(normalised_text(text).split())
+
+
+def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
+    """The Jaccard similarity of two word sets; 1.0 when both are empty."""
+    if not a and not b:
+        return 1.0
+    return len(a & b) / len(a | b)
+
+
+def normalised_text_sql(column: str) -> str:
+    """SQL for the normalised text of ``column``.
+
+    Needs a connection from ``duck.connect``, which registers the fast path for ASCII texts; the
+    regex gives the same text, slower, for any text.
+    """
+    regex = f"trim(regexp_replace(lower({column}), '{_SEPARATORS_RE2}', ' ', 'g'))"
+    return f"coalesce({NORMALISE_ASCII_FUNCTION}({column}), {regex})"
+
+
+def word_set_sql(normalised: str) -> str:
+    """SQL for the word set (a list of distinct words) of an already normalised text."""
+    return f"list_distinct(list_filter(string_split({normalised}, ' '), lambda w: w <> ''))"
+
+
+def jaccard_sql(a: str, b: str) -> str:
+    """SQL for the Jaccard similarity of two word sets (from ``word_set_sql``); 1.0 when both are empty."""
+    union = f"len(list_distinct(list_concat({a}, {b})))"
+    return f"CASE WHEN {union} = 0 THEN 1.0 ELSE len(list_intersect({a}, {b})) / {union} END"
+
 
 _SEPARATOR = 0x20
 # Each ASCII byte's normalised form: letters lower-cased, digits kept, anything else a separator.

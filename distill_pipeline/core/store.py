@@ -7,25 +7,36 @@ relative to the store's root, so a layout is the same on both.
 
 Writes are atomic per object: the local store writes a temporary file and renames it; S3 puts
 are atomic by nature. Multi-object outputs are published by writing their manifest last.
+:func:`atomic_file` is the package's one atomic local write and :func:`file_sha256` its one file
+hash (only the standalone trainer keeps copies of its own).
+
+S3 calls are retried by botocore alone (:data:`S3_RETRY_CONFIG`, given to every client the
+pipeline makes), never by a loop around them: a loop around a retrying client multiplies the
+attempts and fights a throttled bucket instead of backing off.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import random
 import shutil
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, BinaryIO, Protocol, TypeVar
+from typing import Any, BinaryIO, Protocol
 from urllib.parse import unquote, urlparse
 
 DEFAULT_LOCAL_STORE = ".distill_store"
 
-T = TypeVar("T")
+#: botocore's retry policy for S3: "standard" mode backs off exponentially with full jitter
+#: (from 1 s for throttling such as 503 SlowDown, honouring ``x-amz-retry-after``; from 50 ms for
+#: other 5xx and dropped connections; at most 20 s a wait) and never retries a 4xx such as 403.
+#: "standard" rather than "adaptive" because it is the mode dagster-aws's S3Resource configures,
+#: so both ways of making a client retry alike. The attempts count the first call.
+S3_MAX_ATTEMPTS = 10
+S3_RETRY_CONFIG = {"total_max_attempts": S3_MAX_ATTEMPTS, "mode": "standard"}
 
 
 class ObjectNotFound(KeyError):
@@ -95,6 +106,15 @@ def atomic_file(path: Path) -> Iterator[BinaryIO]:
         raise
 
 
+def file_sha256(path: str | Path) -> str:
+    """The SHA-256 (hex) of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while chunk := handle.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 class LocalStore:
     """A directory on the local file system."""
 
@@ -128,10 +148,8 @@ class LocalStore:
         source = self._path(key)
         if not source.is_file():
             raise ObjectNotFound(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(source, "rb") as src, open(path, "wb") as dst:
-            while chunk := src.read(1 << 22):
-                dst.write(chunk)
+        with open(source, "rb") as src, atomic_file(path) as dst:
+            shutil.copyfileobj(src, dst, 1 << 22)
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
@@ -160,31 +178,6 @@ class LocalStore:
             path.unlink(missing_ok=True)
 
 
-def with_retries(call: Callable[[], T], *, attempts: int = 5, base_delay_s: float = 0.2) -> T:
-    """Run ``call``, retrying throttling and transient server errors with jittered backoff.
-
-    botocore retries too (its "standard" mode is configured on the client); this outer loop
-    covers connection resets that surface after botocore gave up, which long runs do meet.
-    """
-    from botocore.exceptions import ClientError
-    from botocore.exceptions import ConnectionError as BotoConnectionError
-
-    for attempt in range(attempts):
-        try:
-            return call()
-        except ClientError as exc:
-            code = exc.response.get("Error", {}).get("Code", "")
-            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-            transient = status >= 500 or code in {"SlowDown", "Throttling", "RequestTimeout"}
-            if not transient or attempt == attempts - 1:
-                raise
-        except BotoConnectionError:
-            if attempt == attempts - 1:
-                raise
-        time.sleep(base_delay_s * (2**attempt) * (0.5 + random.random()))
-    raise AssertionError("unreachable")
-
-
 class S3Store:
     """A bucket and key prefix on S3 or any S3-compatible server."""
 
@@ -209,16 +202,16 @@ class S3Store:
         return full_key[len(self.prefix) + 1 :] if self.prefix else full_key
 
     def put_bytes(self, key: str, data: bytes) -> None:
-        with_retries(lambda: self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data))
+        self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data)
 
     def put_file(self, key: str, path: Path) -> None:
-        with_retries(lambda: self.client.upload_file(str(path), self.bucket, self._key(key)))
+        self.client.upload_file(str(path), self.bucket, self._key(key))
 
     def get_bytes(self, key: str) -> bytes:
         from botocore.exceptions import ClientError
 
         try:
-            response = with_retries(lambda: self.client.get_object(Bucket=self.bucket, Key=self._key(key)))
+            response = self.client.get_object(Bucket=self.bucket, Key=self._key(key))
         except ClientError as exc:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
                 raise ObjectNotFound(key) from None
@@ -229,13 +222,13 @@ class S3Store:
         if not self.exists(key):
             raise ObjectNotFound(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        with_retries(lambda: self.client.download_file(self.bucket, self._key(key), str(path)))
+        self.client.download_file(self.bucket, self._key(key), str(path))
 
     def exists(self, key: str) -> bool:
         from botocore.exceptions import ClientError
 
         try:
-            with_retries(lambda: self.client.head_object(Bucket=self.bucket, Key=self._key(key)))
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
             return True
         except ClientError as exc:
             if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
@@ -250,7 +243,7 @@ class S3Store:
     def list(self, prefix: str) -> list[ObjectInfo]:
         _check_prefix(prefix)
         found = []
-        for page in with_retries(lambda: list(self._pages(prefix))):
+        for page in self._pages(prefix):
             for item in page.get("Contents", []):
                 found.append(
                     ObjectInfo(
@@ -263,11 +256,11 @@ class S3Store:
         return sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str) -> None:
-        with_retries(lambda: self.client.delete_object(Bucket=self.bucket, Key=self._key(key)))
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
 
 
 def make_s3_client(endpoint_url: str | None = None, region_name: str | None = None) -> Any:
-    """A boto3 S3 client with adaptive retries; credentials come from the usual AWS chain."""
+    """A boto3 S3 client retrying by :data:`S3_RETRY_CONFIG`; credentials come from the usual AWS chain."""
     import boto3
     from botocore.config import Config
 
@@ -275,7 +268,7 @@ def make_s3_client(endpoint_url: str | None = None, region_name: str | None = No
         "s3",
         endpoint_url=endpoint_url or os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
         region_name=region_name or os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1",
-        config=Config(retries={"max_attempts": 8, "mode": "adaptive"}),
+        config=Config(retries=dict(S3_RETRY_CONFIG)),
     )
 
 

@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill_pipeline.core import duck
-from distill_pipeline.core.normalise import NORMALISE_ASCII_FUNCTION
+from distill_pipeline.core.normalise import jaccard_sql, normalised_text_sql, word_set_sql
 from distill_pipeline.core.task import CurationConfig
 
 # MinHash signature of 32 hashes in 8 bands of 4: a pair at Jaccard 0.8 shares a band with
@@ -42,16 +42,6 @@ PII_PATTERNS: dict[str, tuple[str, str]] = {
     # not phone numbers, "+44 20 7946 0958" and "(555) 123-4567" are.
     "phone": (r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\b\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}\b", "[PHONE]"),
 }
-
-
-def normalised_text_sql(column: str) -> str:
-    """SQL for the text used to compare inputs: lower case, letters and digits, single spaces.
-
-    Needs a connection from ``duck.connect``, which registers the fast path for ASCII texts
-    (see :mod:`distill_pipeline.core.normalise`); the regex gives the same text, slower, for any text.
-    """
-    regex = f"trim(regexp_replace(lower({column}), '[^\\p{{L}}\\p{{N}}]+', ' ', 'g'))"
-    return f"coalesce({NORMALISE_ASCII_FUNCTION}({column}), {regex})"
 
 
 @dataclass
@@ -182,7 +172,7 @@ class Curator:
         self.con.execute(
             f"""
             CREATE TEMP TABLE words AS
-            SELECT arrival, list_distinct(list_filter(string_split(norm, ' '), lambda w: w <> '')) AS words
+            SELECT arrival, {word_set_sql("norm")} AS words
             FROM work WHERE removed_by IS NULL;
             DELETE FROM words WHERE len(words) < {NEAR_DUPLICATE_MIN_WORDS};
             CREATE TEMP TABLE bands AS
@@ -206,8 +196,7 @@ class Curator:
             FROM candidates c
             JOIN words wa ON wa.arrival = c.earlier
             JOIN words wb ON wb.arrival = c.later
-            WHERE len(list_intersect(wa.words, wb.words)) / len(list_distinct(list_concat(wa.words, wb.words)))
-                  >= {threshold}
+            WHERE {jaccard_sql("wa.words", "wb.words")} >= {threshold}
             GROUP BY c.later;
             """
         )

@@ -21,7 +21,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from distill_pipeline.core import duck
-from distill_pipeline.data.curation import normalised_text_sql
+from distill_pipeline.core.normalise import normalised_text_sql
+
+#: The frozen test sets, by the name every table, report and metric uses, with how prose names them.
+TEST_SETS: dict[str, str] = {"in_distribution": "in-distribution set", "balanced": "balanced set"}
 
 _SIZE_SPEC = re.compile(r"^\s*(?:(\d+(?:\.\d+)?)\s*%|(\d+))\s*$")
 

@@ -23,7 +23,9 @@ import string
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import duckdb
 import numpy as np
@@ -39,358 +41,47 @@ from distill_pipeline.logs.importer import log_line_sql, object_payloads, publis
 from distill_pipeline.logs.schema import SCHEMA_FIELDS, SCHEMA_VERSION
 
 # --- what the comments are made of -------------------------------------------------------------
+# The word lists and templates are data, in words/ beside this module: comments.json holds what
+# the users write (in English, and in Spanish for the drift injection), answers.json the reasons
+# and explanations the teacher gives.
 
-TOPIC_NOUNS: dict[str, tuple[str, ...]] = {
-    "gaming": (
-        "the new patch",
-        "the final boss",
-        "ranked mode",
-        "this speedrun",
-        "the co-op campaign",
-        "the crafting system",
-        "the battle pass",
-        "the level editor",
-        "the latest expansion",
-        "the loot drops",
-    ),
-    "cooking": (
-        "this lasagna recipe",
-        "the sourdough starter",
-        "my cast iron pan",
-        "the garlic butter sauce",
-        "this curry",
-        "the air fryer",
-        "homemade pasta",
-        "the banana bread",
-        "this chili",
-        "the pizza dough",
-    ),
-    "sports": (
-        "last night's match",
-        "the referee",
-        "the new coach",
-        "the transfer window",
-        "the penalty shootout",
-        "our defense",
-        "the marathon",
-        "the playoffs",
-        "the starting lineup",
-        "the halftime show",
-    ),
-    "tech": (
-        "the latest update",
-        "my new laptop",
-        "this keyboard",
-        "the battery life",
-        "the driver install",
-        "the router",
-        "this phone",
-        "the beta release",
-        "the login page",
-        "dark mode",
-    ),
-    "movies": (
-        "the sequel",
-        "the director's cut",
-        "the trailer",
-        "the ending",
-        "the casting",
-        "the score",
-        "the special effects",
-        "the plot twist",
-        "the first season",
-        "the finale",
-    ),
-    "music": (
-        "the new album",
-        "the concert",
-        "the guitar solo",
-        "this playlist",
-        "the opening act",
-        "the remix",
-        "the lyrics",
-        "the drummer",
-        "the live version",
-        "the music video",
-    ),
-    "travel": (
-        "the train to the coast",
-        "this hostel",
-        "the old town",
-        "the night market",
-        "the hiking trail",
-        "the airport lounge",
-        "the ferry",
-        "this beach",
-        "the museum pass",
-        "the street food",
-    ),
-    "pets": (
-        "my cat",
-        "the new puppy",
-        "the dog park",
-        "the fish tank",
-        "this cat food",
-        "my parrot",
-        "the vet visit",
-        "the hamster wheel",
-        "the litter box",
-        "our rescue dog",
-    ),
-    "wiki": (
-        "this article",
-        "the citation in the lead",
-        "the infobox",
-        "the edit history",
-        "the talk page",
-        "the references section",
-        "the deletion debate",
-        "this stub",
-        "the image caption",
-        "the sources",
-    ),
-    "local": (
-        "the new bike lane",
-        "the farmers market",
-        "the library hours",
-        "the bus schedule",
-        "the park cleanup",
-        "the school fundraiser",
-        "the road works",
-        "the council meeting",
-        "the street fair",
-        "the recycling plan",
-    ),
-}
 
+def _load_words(name: str) -> dict[str, Any]:
+    """A words/ file with its lists as tuples (and a dict of lists as a dict of tuples)."""
+    words = resources.files("distill_pipeline.demo").joinpath("words").joinpath(name)
+    raw = json.loads(words.read_text(encoding="utf-8"))
+    return {
+        key: {inner: tuple(items) for inner, items in value.items()} if isinstance(value, dict) else tuple(value)
+        for key, value in raw.items()
+    }
+
+
+_COMMENT_WORDS = _load_words("comments.json")
+_ANSWER_WORDS = _load_words("answers.json")
+
+TOPIC_NOUNS: dict[str, tuple[str, ...]] = _COMMENT_WORDS["TOPIC_NOUNS"]
 SLOT_WORDS: dict[str, tuple[str, ...]] = {
-    "pos": (
-        "great",
-        "really good",
-        "surprisingly fun",
-        "awesome",
-        "solid",
-        "pretty interesting",
-        "better than expected",
-        "amazing",
-        "well done",
-        "underrated",
-    ),
-    "meh": (
-        "a bit slow",
-        "kind of disappointing",
-        "too long",
-        "overpriced",
-        "confusing",
-        "a little buggy",
-        "not my thing",
-        "hard to follow",
-        "too loud",
-        "way too short",
-    ),
-    "opener": ("Honestly,", "To be fair,", "Not gonna lie,", "IMO", "Well,", "Hmm,", "So", "Also,", "Btw,", "Anyway,"),
-    "thanks": ("thanks for posting this!", "appreciate the help.", "this was useful.", "good catch.", "cheers!"),
-    # Mild, cartoonish insults: enough for a student to learn from, nothing a reader needs shielding from.
-    "insult_adj": (
-        "stupid",
-        "dumb",
-        "brainless",
-        "pathetic",
-        "clueless",
-        "worthless",
-        "idiotic",
-        "smelly",
-        "useless",
-        "ridiculous",
-    ),
-    "insult": (
-        "idiot",
-        "moron",
-        "clown",
-        "loser",
-        "nitwit",
-        "bozo",
-        "numbskull",
-        "dimwit",
-        "doofus",
-        "buffoon",
-        "dingbat",
-        "troll",
-        "muppet",
-        "goofball",
-    ),
-    "target": ("this guy", "the person who wrote this", "whoever edited this", "the admin", "the poster above"),
-    "gross": ("soggy cabbage", "pond scum", "old gym socks", "cold gravy", "expired yogurt", "swamp water"),
-    "annoyed": ("stupid", "dumb", "useless", "ridiculous", "annoying", "garbage"),
-    "name": (
-        "Alex",
-        "Sam",
-        "Jordan",
-        "Priya",
-        "Chen",
-        "Maria",
-        "Tom",
-        "Aisha",
-        "Lukas",
-        "Yuki",
-        "Omar",
-        "Fatima",
-        "Diego",
-        "Emma",
-        "Noah",
-        "Zoe",
-        "Ivan",
-        "Mei",
-        "Kofi",
-        "Lena",
-        "Raj",
-        "Sofia",
-        "Ben",
-        "Nina",
-    ),
+    **_COMMENT_WORDS["SLOT_WORDS"],
     "num": tuple(str(i) for i in range(1, 301)),
 }
-
-BENIGN_TEMPLATES = (
-    "{opener} I think {noun} is {pos}.",
-    "Has anyone else tried {noun}? It was {pos} for me.",
-    "Not sure about {noun}, it felt {meh} honestly.",
-    "Can someone explain how {noun} works?",
-    "I disagree about {noun}, but I see your point.",
-    "lol {noun} is {pos}",
-    "Please add a source for the claim about {noun}.",
-    "Just finished with {noun} and it was {pos}.",
-    "Does anyone know when {noun} gets fixed? It is {meh}.",
-    "My friend recommended {noun}, {thanks}",
-    "Good point about {noun}, {thanks}",
-    "{opener} {noun} could use some work, but it is {pos}.",
-    "Waited {num} minutes for {noun}, totally worth it.",
-    "@{name} you were right about {noun}, it is {pos}.",
-    "I have spent {num} hours on {noun} and it is still {pos}.",
-    "{name} told me {noun} was {meh}, but I liked it.",
-    "Day {num} of asking for a fix to {noun}.",
-)
-FILLER_TEMPLATES = (
-    *BENIGN_TEMPLATES,
-    "Anyway, that is just my opinion.",
-    "I might try {noun} again next week.",
-    "It reminded me of {noun}.",
-    "Edit: fixed a typo.",
-    "Let me know what you think.",
-    "Also {noun} was {meh}.",
-    "Thanks in advance.",
-)
-TOXIC_TEMPLATES = (
-    "You are a {insult_adj} {insult}.",
-    "Only a {insult} would say that about {noun}.",
-    "Shut up, you {insult_adj} {insult}.",
-    "Honestly {target} is the biggest {insult} on this site.",
-    "Nobody cares what you think about {noun}, {insult}.",
-    "Go jump in a lake of {gross}, you {insult}.",
-    "I hope a flock of angry geese chases you home, {insult}.",
-    "Your take on {noun} is {insult_adj} garbage, just like you.",
-    "What a {insult_adj} {insult}, get lost.",
-    "Anyone who likes {noun} is a {insult_adj} {insult}.",
-    "You {insult_adj} {insult}, learn to read.",
-    "Get off the internet, {insult}.",
-    "lol {insult}",
-    "@{name} you are such a {insult}.",
-    "{name} is a {insult_adj} {insult} and everyone knows it.",
-    "I have told you {num} times, you {insult_adj} {insult}.",
-)
+BENIGN_TEMPLATES: tuple[str, ...] = _COMMENT_WORDS["BENIGN_TEMPLATES"]
+FILLER_TEMPLATES: tuple[str, ...] = (*BENIGN_TEMPLATES, *_COMMENT_WORDS["FILLER_EXTRA_TEMPLATES"])
+TOXIC_TEMPLATES: tuple[str, ...] = _COMMENT_WORDS["TOXIC_TEMPLATES"]
 # Benign, but with the vocabulary of insults aimed at things or at oneself: the hard cases.
-BORDERLINE_TEMPLATES = (
-    "Ugh, {noun} is so {annoyed} today.",
-    "I feel like a total {insult} for missing {noun}.",
-    "My {insult_adj} brain forgot about {noun} again.",
-    "This {annoyed} thing crashed twice while I was reading about {noun}.",
-    "Calling {noun} {annoyed} is unfair, it just needs time.",
-)
-TINY_TEXTS = ("lol", "+1", "first!", "ok", "agreed", "this.", "same", "nice", "wow", "thanks!", "^ this", "bump")
-SPAM_TEXTS = (
-    "Check out my channel for free game codes!!! http://free-codes.example/win",
-    "Make $500 a day from home, DM me now",
-    "FREE GIFT CARDS at http://gift-cards.example/claim",
-    "Best cheap sunglasses here: http://cheap-shades.example",
-    "Subscribe to my page for daily memes http://memes.example/daily",
-    "https://bit.ly/3xYzAbc",
-    "http://free-prizes.example/claim",
-)
+BORDERLINE_TEMPLATES: tuple[str, ...] = _COMMENT_WORDS["BORDERLINE_TEMPLATES"]
+TINY_TEXTS: tuple[str, ...] = _COMMENT_WORDS["TINY_TEXTS"]
+SPAM_TEXTS: tuple[str, ...] = _COMMENT_WORDS["SPAM_TEXTS"]
 # Openings and sign-offs around whole comments (half of them none), for variety.
-COMMENT_OPENINGS = (
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "Honestly, ",
-    "Ok so ",
-    "Hey all, ",
-    "Quick question. ",
-    "Hi, ",
-    "Well ",
-    "Ugh. ",
-    "Hmm. ",
-    "Wait, ",
-    "Update: ",
-    "Fun fact: ",
-    "PSA: ",
-)
-COMMENT_ENDINGS = (
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    "",
-    " :)",
-    "!",
-    " lol",
-    " Thanks.",
-    " Just saying.",
-    " Cheers",
-    " haha",
-    " imo",
-    " ...",
-    " Peace.",
-    " (edited)",
-    " :(",
-)
-NEAR_DUPLICATE_SUFFIXES = ("!", "!!", "?", " lol", " :)", "..", " ^^", " ")
+COMMENT_OPENINGS: tuple[str, ...] = _COMMENT_WORDS["COMMENT_OPENINGS"]
+COMMENT_ENDINGS: tuple[str, ...] = _COMMENT_WORDS["COMMENT_ENDINGS"]
+NEAR_DUPLICATE_SUFFIXES: tuple[str, ...] = _COMMENT_WORDS["NEAR_DUPLICATE_SUFFIXES"]
+SPANISH_NOUNS: tuple[str, ...] = _COMMENT_WORDS["SPANISH_NOUNS"]
+SPANISH_BENIGN: tuple[str, ...] = _COMMENT_WORDS["SPANISH_BENIGN"]
+SPANISH_TOXIC: tuple[str, ...] = _COMMENT_WORDS["SPANISH_TOXIC"]
 
-REASONS_AGAINST = (
-    "it expresses an opinion without insults",
-    "it asks an ordinary question",
-    "it could be friendly banter",
-    "it contains no slurs or threats",
-    "it is about a product, not a person",
-)
-REASONS_FOR = (
-    "it uses insulting language",
-    "it attacks another user",
-    "it contains name-calling",
-    "it could be read as sarcastic",
-    "it uses negative words",
-)
-EXPLANATIONS = {
-    "negative": (
-        "The comment expresses an opinion about a topic without insults, threats or slurs.",
-        "The comment is a neutral question and contains nothing offensive.",
-    ),
-    "positive": (
-        "The comment contains insulting language directed at another person.",
-        "The comment uses name-calling and a hostile tone towards the reader.",
-    ),
-}
+REASONS_AGAINST: tuple[str, ...] = _ANSWER_WORDS["REASONS_AGAINST"]
+REASONS_FOR: tuple[str, ...] = _ANSWER_WORDS["REASONS_FOR"]
+EXPLANATIONS: dict[str, tuple[str, ...]] = _ANSWER_WORDS["EXPLANATIONS"]
 
 # --- how the teacher answers -------------------------------------------------------------------
 
@@ -969,35 +660,6 @@ def _fill(template: str, topic: np.ndarray, rng: np.random.Generator) -> pa.Arra
     if not any(isinstance(piece, pa.Array) for piece in pieces):
         return pa.repeat(template, n)
     return pc.binary_join_element_wise(*pieces, "")
-
-
-SPANISH_NOUNS = (
-    "el partido de anoche",
-    "la nueva actualización",
-    "esta receta",
-    "el concierto",
-    "la película",
-    "el árbitro",
-    "mi portátil",
-    "el final de la serie",
-    "la tienda del barrio",
-    "el autobús de las ocho",
-)
-SPANISH_BENIGN = (
-    "Creo que {noun} estuvo genial, gracias por compartir.",
-    "¿Alguien sabe cuándo arreglan {noun}? Me parece un poco lento.",
-    "Sinceramente, {noun} me gustó mucho más de lo que esperaba.",
-    "No estoy de acuerdo sobre {noun}, pero entiendo tu punto.",
-    "Ayer probé {noun} y la verdad es que vale la pena.",
-    "Buena observación sobre {noun}, muy útil.",
-)
-SPANISH_TOXIC = (
-    "Eres un idiota, nadie quiere leer tu opinión sobre {noun}.",
-    "Cállate ya, payaso ignorante.",
-    "Solo un imbécil diría eso de {noun}.",
-    "Vete a otro foro, tonto inútil.",
-    "Qué comentario más estúpido, igual que tú.",
-)
 
 
 def _spanish_comments(

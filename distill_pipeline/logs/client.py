@@ -19,7 +19,6 @@ from __future__ import annotations
 import atexit
 import logging
 import os
-import random
 import re
 import socket
 import threading
@@ -30,6 +29,7 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, NamedTuple, Self
 
+from distill_pipeline.core.backoff import backoff_delay_s
 from distill_pipeline.core.store import ObjectStore
 from distill_pipeline.logs.schema import LogRecord, encode_log_object, log_object_key
 
@@ -91,9 +91,11 @@ class TeacherLogger:
     A batch is written as soon as it holds ``max_batch_records`` records or ``max_batch_bytes``
     bytes, or its oldest record has waited ``flush_interval_s``. Up to ``max_queue`` records may
     wait unwritten; beyond that ``log`` blocks for up to ``enqueue_timeout_s`` and then raises
-    :class:`LogQueueFull`. A failed write is retried until it succeeds, with jittered exponential
-    backoff from ``retry_base_delay_s`` up to ``retry_max_delay_s``; once ``retries_before_error``
-    attempts in a row have failed, ``flush`` and ``close`` raise :class:`LogFlushError`.
+    :class:`LogQueueFull`. A failed write is retried until it succeeds, with exponential backoff
+    and full jitter (``core.backoff``) from ``retry_base_delay_s`` up to ``retry_max_delay_s``, on
+    top of the store's own retries (botocore's on S3): those ride out a blip, these an outage.
+    Once ``retries_before_error`` attempts in a row have failed, ``flush`` and ``close`` raise
+    :class:`LogFlushError`.
 
     Thread-safe: any number of threads may call ``log`` while one background thread writes.
     Use it as a context manager or call ``close``; an unclosed logger is closed at exit.
@@ -351,8 +353,9 @@ class TeacherLogger:
                     self._progress.notify_all()
                     failures = self._failures_in_a_row
                     _log.warning("writing log object %s failed (attempt %d): %r", key, failures, exc)
-                    delay = min(self.retry_max_delay_s, self.retry_base_delay_s * 2 ** (failures - 1))
-                    deadline = time.monotonic() + delay * (0.5 + random.random())
+                    deadline = time.monotonic() + backoff_delay_s(
+                        failures - 1, self.retry_base_delay_s, self.retry_max_delay_s
+                    )
                     # Wait on the condition so that flush() and close() can cut the backoff short.
                     while not (self._stopping or self._retry_now) and (remaining := deadline - time.monotonic()) > 0:
                         self._work.wait(remaining)

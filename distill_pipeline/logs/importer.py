@@ -12,7 +12,6 @@ DuckDB does the row work (casts, hashes, JSON encoding) so a million rows take s
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import json
 import re
 from collections.abc import Mapping, Sequence
@@ -28,7 +27,7 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
-from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.core.store import ObjectStore, file_sha256
 from distill_pipeline.core.task import Task
 from distill_pipeline.logs.schema import (
     MAX_REQUEST_ID_CHARS,
@@ -198,14 +197,6 @@ def read_source_table(path: str | Path, source_format: str | None = None) -> pa.
             column_types=dict.fromkeys(names, pa.string()), null_values=[""], strings_can_be_null=True
         ),
     )
-
-
-def file_sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 22):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def import_table(

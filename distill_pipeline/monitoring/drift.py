@@ -25,7 +25,6 @@ day's volume. Nothing here imports Dagster; torch and transformers load only to 
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,9 +32,9 @@ from typing import Any
 
 import numpy as np
 
+from distill_pipeline.core.normalise import normalised_text
 from distill_pipeline.core.task import MonitoringConfig
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 # PSI bins: the reference's deciles; empty bins get this share so the log stays finite.
 PSI_BINS = 10
 PSI_FLOOR = 1e-4
@@ -113,7 +112,8 @@ class VocabularyDrift:
 
 
 def words(text: str) -> list[str]:
-    return _WORD.findall(text.lower())
+    """The words of ``text`` by the project's one rule (``core.normalise``), as curation splits them."""
+    return normalised_text(text).split()
 
 
 def _oov(texts: Iterable[str], vocabulary: set[str]) -> tuple[float, dict[str, int]]:

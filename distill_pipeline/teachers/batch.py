@@ -25,7 +25,8 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from distill_pipeline.core.layout import LEDGER_ROOT
-from distill_pipeline.core.store import ObjectNotFound, ObjectStore
+from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.core.tables import read_pointer
 from distill_pipeline.core.task import PromptTemplate
 from distill_pipeline.teachers.client import (
     Answer,
@@ -36,7 +37,7 @@ from distill_pipeline.teachers.client import (
     estimate_tokens,
     render_messages,
 )
-from distill_pipeline.teachers.ledger import LedgerEntry, utc_now
+from distill_pipeline.teachers.ledger import LedgerEntry, input_sha256, utc_now
 
 BATCH_STATES = f"{LEDGER_ROOT}batches/"
 #: Providers whose batch endpoints take OpenAI-style JSONL files through litellm.
@@ -126,10 +127,8 @@ class BatchLabeller:
         return hashlib.sha256(json.dumps([spec.model, *keys]).encode()).hexdigest()[:24]
 
     def _load(self, job_id: str) -> BatchJob | None:
-        try:
-            return BatchJob(**json.loads(self.store.get_bytes(f"{BATCH_STATES}{job_id}.json")))
-        except ObjectNotFound:
-            return None
+        state = read_pointer(self.store, f"{BATCH_STATES}{job_id}.json")
+        return None if state is None else BatchJob(**state)
 
     def _save(self, job: BatchJob) -> None:
         self.store.put_bytes(job.state_key, json.dumps(asdict(job), indent=1).encode())
@@ -248,7 +247,7 @@ class BatchLabeller:
                     prompt_id=template.id,
                     prompt_version=template.version,
                     params=spec.params,
-                    input_sha256=hashlib.sha256(todo[key].encode()).hexdigest(),
+                    input_sha256=input_sha256(todo[key]),
                     response=body["choices"][0]["message"]["content"] or "",
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,

@@ -26,17 +26,16 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import hashlib
 import logging
 import math
-import random
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from distill_pipeline.core.backoff import backoff_delay_s
 from distill_pipeline.core.task import PromptTemplate
-from distill_pipeline.teachers.ledger import Ledger, LedgerEntry, ledger_key, utc_now
+from distill_pipeline.teachers.ledger import Ledger, LedgerEntry, input_sha256, ledger_key, utc_now
 
 log = logging.getLogger(__name__)
 
@@ -447,7 +446,7 @@ class TeacherClient:
                 else:
                     self.totals.server_errors += 1
                 self.totals.retries += 1
-                backoff = random.uniform(0, min(settings.backoff_max_s, settings.backoff_base_s * 2**attempt))
+                backoff = backoff_delay_s(attempt, settings.backoff_base_s, settings.backoff_max_s)
                 await asyncio.sleep(max(backoff, retry_after or 0.0))
             finally:
                 self._reserved_usd -= reserved
@@ -476,7 +475,7 @@ class TeacherClient:
             prompt_id=template.id,
             prompt_version=template.version,
             params=spec.params,
-            input_sha256=hashlib.sha256(text.encode()).hexdigest(),
+            input_sha256=input_sha256(text),
             response=content,
             prompt_tokens=prompt_tokens,
             completion_tokens=completion_tokens,

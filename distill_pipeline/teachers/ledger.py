@@ -46,6 +46,11 @@ SEGMENT_MAX_ENTRIES = 5_000
 DEFAULT_SYNC_EVERY_S = 2.0
 
 
+def input_sha256(task_input: str) -> str:
+    """The hash a ledger entry keeps instead of its input (the entry never holds the users' text)."""
+    return hashlib.sha256(task_input.encode()).hexdigest()
+
+
 def ledger_key(
     *, model: str, prompt_id: str, prompt_version: str, prompt_sha256: str, params: dict[str, Any], task_input: str
 ) -> str:
@@ -56,7 +61,7 @@ def ledger_key(
         "prompt_version": prompt_version,
         "prompt_sha256": prompt_sha256,
         "params": params,
-        "input_sha256": hashlib.sha256(task_input.encode()).hexdigest(),
+        "input_sha256": input_sha256(task_input),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 

@@ -17,15 +17,14 @@ from __future__ import annotations
 
 import hashlib
 import itertools
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from distill_pipeline.core.normalise import jaccard, normalised_text, word_set
 from distill_pipeline.core.task import PromptTemplate, SyntheticConfig, Task
 from distill_pipeline.data.parsing import parse_responses
 from distill_pipeline.teachers.client import TeacherClient, TeacherSpec
 
-_WORD = re.compile(r"\w+", re.UNICODE)
 _WRAPPING_QUOTES = "'\"“”‘’` \n\t"
 
 
@@ -48,22 +47,12 @@ class SyntheticResult:
         return dict(sorted(counts.items(), key=lambda item: -item[1]))
 
 
-def words(text: str) -> frozenset[str]:
-    return frozenset(word.lower() for word in _WORD.findall(text))
-
-
-def jaccard(a: frozenset[str], b: frozenset[str]) -> float:
-    if not a and not b:
-        return 1.0
-    return len(a & b) / len(a | b)
-
-
 def distinct_bigram_ratio(texts: Sequence[str]) -> float:
     """Distinct word bigrams over all bigrams: a plain diversity measure (1.0 = no bigram repeats)."""
     seen: set[tuple[str, str]] = set()
     total = 0
     for text in texts:
-        tokens = [word.lower() for word in _WORD.findall(text)]
+        tokens = normalised_text(text).split()
         pairs = list(itertools.pairwise(tokens))
         seen.update(pairs)
         total += len(pairs)
@@ -114,7 +103,7 @@ def make_synthetic_examples(
         text = clean_rewrite(response)
         base = {"seed_request_id": seed.request_id, "variation": variation, "input": text}
         reason = None
-        seed_words, text_words = words(seed.input), words(text)
+        seed_words, text_words = word_set(seed.input), word_set(text)
         normalised = " ".join(sorted(text_words))
         if response is None:
             reason = f"teacher error: {error}"
