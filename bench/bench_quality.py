@@ -1,6 +1,7 @@
 """Quality benchmark on real data: a student taught only by GPT-4's logged answers, against GPT-4.
 
-GPT-4's real answers to Jigsaw comments (``shared/data/jigsaw/teacher_responses.parquet``, the
+GPT-4's real answers to Jigsaw comments (``jigsaw/teacher_responses.parquet`` under
+``$DISTILL_SHARED_DATA``, by default ``../shared/data`` beside the checkout; the
 ``gpt-4-1106-preview`` / ``simple_prompt`` rows) are imported as production logs and the whole
 pipeline runs on them, as a user runs it: ``distill-pipeline import --preset jigsaw`` then
 ``distill-pipeline demo --no-simulate`` (ingest, labels, curation, frozen test sets, training
@@ -39,18 +40,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from distill_pipeline.core.layout import ABLATION_PREFIX, CHAMPION_CURRENT, TEST_SETS_CURRENT, eval_report_prefix
+from distill_pipeline.core.layout import ABLATION_PREFIX, eval_report_prefix
+from distill_pipeline.core.published import Champion, LoraAdapters, TestSets
 from distill_pipeline.core.reporting import markdown_table
-from distill_pipeline.core.store import LocalStore, ObjectNotFound
+from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.tables import read_report
 from distill_pipeline.core.task import BUILTIN_TASKS_DIR
-from distill_pipeline.data.splitting import TrainSize
-from distill_pipeline.students.ablation import TEST_SETS
-from distill_pipeline.students.adapters import current_adapter, fetch_adapter
+from distill_pipeline.data.splitting import TEST_SETS, TrainSize
+from distill_pipeline.students.adapters import fetch_adapter
 from distill_pipeline.students.predict import load_adapter_student
-from distill_pipeline.students.reports import read_report
 from distill_pipeline.students.specs import TEXT_COLUMN
+from distill_pipeline_tests.conftest import JIGSAW_TEACHER_RESPONSES
 
-SHARED_JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
 TEACHER = ("gpt-4-1106-preview", "simple_prompt")
 
 
@@ -92,7 +93,7 @@ def accuracy(predicted: np.ndarray, gold: np.ndarray) -> float:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=SHARED_JIGSAW / "teacher_responses.parquet")
+    parser.add_argument("--data", type=Path, default=JIGSAW_TEACHER_RESPONSES)
     parser.add_argument("--sizes", default="10%,25%,50%,100%", help="training-set sizes, comma-separated")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temp folder)")
     args = parser.parse_args()
@@ -122,10 +123,11 @@ def main() -> int:
     pipeline_seconds = time.perf_counter() - started
 
     store = LocalStore(store_dir)
-    pointer = json.loads(store.get_bytes(TEST_SETS_CURRENT))
+    frozen = TestSets(store)
+    pointer = frozen.require_current()
     tests = {}
     for name in TEST_SETS:
-        table = pq.read_table(store.root / pointer["prefix"] / f"{name}.parquet")
+        table = pq.read_table(frozen.table(pointer, name, root / "test_sets"))
         texts = table[TEXT_COLUMN].to_pylist()
         missing = [t for t in texts if t not in gold_by_text]
         if missing:
@@ -146,7 +148,7 @@ def main() -> int:
     reports = []
     for size_key in (TrainSize.parse(size).key for size in sizes):
         report = read_report(store, eval_report_prefix(size_key))
-        adapter = current_adapter(store, size_key)
+        adapter = LoraAdapters(store).current(size_key)
         if report is None or adapter is None:
             raise SystemExit(f"no evaluation of {size_key}: the pipeline run did not finish it")
         reports.append((size_key, report, adapter))
@@ -191,11 +193,8 @@ def main() -> int:
     ablation = read_report(store, ABLATION_PREFIX)
     if ablation is not None:
         print(f"\nAblation (against the teacher's labels): {ablation['recommendation']}")
-    try:
-        champion = json.loads(store.get_bytes(CHAMPION_CURRENT))
-        print(f"Champion: {champion['train_size']} ({champion['train_id']})")
-    except ObjectNotFound:
-        print("Champion: none promoted")
+    champion = Champion(store).current()
+    print(f"Champion: {champion['train_size']} ({champion['train_id']})" if champion else "Champion: none promoted")
     both = [size for size, _, _ in reports if all(beats[(size, name)] for name in TEST_SETS)]
     print(f"\nStudents beating GPT-4 on both test sets (calibrated): {', '.join(both) or 'none'}")
     print("The evaluation reports' scores against the gold table agree with this script's own join.")

@@ -25,6 +25,7 @@ from distill_pipeline.defs.logs.assets import teacher_logs
 from distill_pipeline.defs.teachers.labelling import teacher_labels
 from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.demo.simulator import simulate_traffic
+from distill_pipeline_tests.conftest import JIGSAW_TEACHER_RESPONSES, requires_shared_jigsaw
 
 # Imported through the module: pytest would try to collect an asset named test_sets.
 ASSETS = [teacher_logs, raw_logs, teacher_labels, curated_examples, split_assets.test_sets, split_assets.train_sets]
@@ -265,19 +266,14 @@ def test_code_location_loads_without_heavy_imports() -> None:
     assert output[1] == "[]"
 
 
-SHARED_JIGSAW = Path(__file__).resolve().parents[2] / "shared" / "data" / "jigsaw"
-
-
-@pytest.mark.skipif(
-    not (SHARED_JIGSAW / "teacher_responses.parquet").is_file(), reason="shared Jigsaw data not present"
-)
+@requires_shared_jigsaw
 def test_real_teacher_answers_flow_through_import_ingest_and_labelling(
     local_store: LocalStore, instance: dg.DagsterInstance
 ) -> None:
     from distill_pipeline.logs.importer import import_table, jigsaw_mapping
 
     task = load_task()
-    source = SHARED_JIGSAW / "teacher_responses.parquet"
+    source = JIGSAW_TEACHER_RESPONSES
     summary = import_table(local_store, source, jigsaw_mapping(), default_day="2024-01-15", task=task)
     assert summary.rows_written == 8170
     raw = _metadata(_materialize("raw_logs", local_store, task, instance, "2024-01-15"), "raw_logs")

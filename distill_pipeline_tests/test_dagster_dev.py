@@ -16,11 +16,10 @@ import pytest
 
 from distill_pipeline.core.layout import drift_report_prefix, train_set_prefix
 from distill_pipeline.core.store import LocalStore
-from distill_pipeline.core.tables import read_manifest
+from distill_pipeline.core.tables import read_manifest, read_report
 from distill_pipeline.core.task import load_task
 from distill_pipeline.defs.monitoring.jobs import DRIFT_DAY_TAG, DRIFT_SIGNAL_TAG, DRIFT_VALUE_TAG, REDISTILL_JOB
 from distill_pipeline.demo.simulator import TrafficProfile, simulate_traffic
-from distill_pipeline.students.reports import read_report
 from distill_pipeline_tests.dagster_dev import REPO_ROOT, running_dagster_dev, utc_days_back, write_tiny_task
 
 ARTIFACTS = REPO_ROOT / "artifacts" / "dagster_dev"

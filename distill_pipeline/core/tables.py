@@ -5,19 +5,13 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+import tempfile
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from distill_pipeline.core.layout import MANIFEST
-from distill_pipeline.core.store import ObjectNotFound, ObjectStore
-
-
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while chunk := handle.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
+from distill_pipeline.core.store import ObjectNotFound, ObjectStore, file_sha256
 
 
 def publish_table(store: ObjectStore, prefix: str, files: dict[str, Path], manifest: dict[str, Any]) -> dict[str, Any]:
@@ -35,11 +29,17 @@ def publish_table(store: ObjectStore, prefix: str, files: dict[str, Path], manif
     return full
 
 
-def read_manifest(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
+def read_pointer(store: ObjectStore, key: str) -> dict[str, Any] | None:
+    """A small JSON object the pipeline publishes (a manifest, a ``current.json`` pointer), or None
+    where none has been written yet."""
     try:
-        return json.loads(store.get_bytes(prefix + MANIFEST))
+        return json.loads(store.get_bytes(key))
     except ObjectNotFound:
         return None
+
+
+def read_manifest(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
+    return read_pointer(store, prefix + MANIFEST)
 
 
 class MissingTableError(RuntimeError):
@@ -68,3 +68,25 @@ def published_partitions(store: ObjectStore, root: str, key_name: str = "dt") ->
         if rest == MANIFEST and head.startswith(f"{key_name}="):
             values.add(head.split("=", 1)[1])
     return sorted(values)
+
+
+def publish_report(
+    store: ObjectStore, prefix: str, report: Mapping[str, Any], markdown: str, manifest: Mapping[str, Any]
+) -> dict[str, Any]:
+    """``report.json`` and ``report.md`` under ``prefix``, manifest last."""
+    with tempfile.TemporaryDirectory(prefix="distill-report-") as directory:
+        json_path, md_path = Path(directory) / "report.json", Path(directory) / "report.md"
+        json_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
+        md_path.write_text(markdown + "\n")
+        return publish_table(store, prefix, {"report.json": json_path, "report.md": md_path}, dict(manifest))
+
+
+def read_report(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
+    """A published report.json, or None before one exists."""
+    manifest = read_manifest(store, prefix)
+    if manifest is None:
+        return None
+    data = store.get_bytes(prefix + "report.json")
+    if hashlib.sha256(data).hexdigest() != manifest["files"]["report.json"]["sha256"]:
+        raise ValueError(f"{prefix}report.json does not match its manifest (being rewritten?); retry")
+    return json.loads(data)

@@ -18,12 +18,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from distill_pipeline.core.reporting import LineSeries, line_plot_markdown, markdown_table
+from distill_pipeline.data.splitting import TEST_SETS
 
 # The power law has three parameters; with three sizes it passes through every point and its
 # extrapolation means nothing, so it needs one more.
 POWER_LAW_MIN_SIZES = 4
 DEFAULT_THRESHOLD_POINTS = 0.5
-TEST_SETS: dict[str, str] = {"in_distribution": "in-distribution set", "balanced": "balanced set"}
 PLOT_COLORS = {"in_distribution": "#4f6bed", "balanced": "#e8793a"}
 # Several starting exponents, because curve_fit is a local search.
 _START_EXPONENTS = (0.2, 0.5, 1.0)

@@ -7,9 +7,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from distill_pipeline.core.layout import CHAMPION_CURRENT, MANIFEST, adapter_pointer
-from distill_pipeline.core.store import ObjectNotFound, ObjectStore
-from distill_pipeline.core.tables import file_sha256, publish_table, read_manifest
+from distill_pipeline.core.layout import MANIFEST, adapter_pointer
+from distill_pipeline.core.published import Champion
+from distill_pipeline.core.store import ObjectStore, file_sha256
+from distill_pipeline.core.tables import publish_table, read_manifest
 
 ADAPTER_DIR = "adapter"
 #: The trainer's records published beside the adapter (see trainer/train.py).
@@ -29,13 +30,6 @@ def publish_adapter(store: ObjectStore, prefix: str, run_dir: Path, manifest: Ma
 def point_at_adapter(store: ObjectStore, size_key: str, prefix: str, train: str) -> None:
     """Make ``prefix`` the size partition's current adapter (after its manifest is written)."""
     store.put_bytes(adapter_pointer(size_key), json.dumps({"prefix": prefix, "train_id": train}).encode())
-
-
-def current_adapter(store: ObjectStore, size_key: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(store.get_bytes(adapter_pointer(size_key)))
-    except ObjectNotFound:
-        return None
 
 
 def fetch_published(store: ObjectStore, prefix: str, directory: Path, *, under: str = "") -> Path:
@@ -73,10 +67,10 @@ def resolve_adapter(reference: str, store: ObjectStore | None, directory: Path) 
     if store is None:
         raise FileNotFoundError(f"{reference} is not a local adapter folder, and no store was given")
     if reference == "champion":
-        try:
-            reference = json.loads(store.get_bytes(CHAMPION_CURRENT))["adapter_prefix"]
-        except ObjectNotFound:
-            raise FileNotFoundError(f"no champion in {store.url} yet") from None
+        champion = Champion(store).current()
+        if champion is None:
+            raise FileNotFoundError(f"no champion in {store.url} yet")
+        reference = champion["adapter_prefix"]
     return fetch_adapter(store, reference.rstrip("/") + "/", directory)
 
 

@@ -2,17 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
-import json
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from distill_pipeline.core.reporting import markdown_table
-from distill_pipeline.core.store import ObjectStore
-from distill_pipeline.core.tables import publish_table, read_manifest
 from distill_pipeline.core.task import Task
 from distill_pipeline.students.ablation import TEST_SETS
 from distill_pipeline.students.evaluation import (
@@ -296,25 +291,3 @@ def scores_by_test_set(
         for name, entry in report["test_sets"].items()
         if entry.get(against) and model in entry[against]
     }
-
-
-def publish_report(
-    store: ObjectStore, prefix: str, report: Mapping[str, Any], markdown: str, manifest: Mapping[str, Any]
-) -> dict[str, Any]:
-    """``report.json`` and ``report.md`` under ``prefix``, manifest last."""
-    with tempfile.TemporaryDirectory(prefix="distill-report-") as directory:
-        json_path, md_path = Path(directory) / "report.json", Path(directory) / "report.md"
-        json_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
-        md_path.write_text(markdown + "\n")
-        return publish_table(store, prefix, {"report.json": json_path, "report.md": md_path}, dict(manifest))
-
-
-def read_report(store: ObjectStore, prefix: str) -> dict[str, Any] | None:
-    """A published report.json, or None before one exists."""
-    manifest = read_manifest(store, prefix)
-    if manifest is None:
-        return None
-    data = store.get_bytes(prefix + "report.json")
-    if hashlib.sha256(data).hexdigest() != manifest["files"]["report.json"]["sha256"]:
-        raise ValueError(f"{prefix}report.json does not match its manifest (being rewritten?); retry")
-    return json.loads(data)

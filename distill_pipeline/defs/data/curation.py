@@ -4,17 +4,19 @@ import dataclasses
 
 import dagster as dg
 
-from distill_pipeline.core.layout import CURATED_PREFIX, TEACHER_LABELS_ROOT, teacher_labels_prefix
+from distill_pipeline.core.layout import CURATED_PREFIX
+from distill_pipeline.core.published import TeacherLabels
 from distill_pipeline.core.reporting import (
     counts_table,
     markdown_table,
     parquet_length_histogram,
     parquet_sample_markdown,
 )
-from distill_pipeline.core.tables import fetch_table, publish_table, published_partitions
+from distill_pipeline.core.tables import publish_table
 from distill_pipeline.data.curation import curate
 from distill_pipeline.defs.core.common import location, scratch_dir
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.core.upstream import fan_in_keys, upstream
 from distill_pipeline.defs.data.conditions import AFTER_ANY_UPSTREAM_UPDATE
 from distill_pipeline.defs.teachers.labelling import teacher_labels
 
@@ -46,14 +48,15 @@ def curated_examples(
     """Every labelled day filtered, de-duplicated and de-biased into one example pool."""
     object_store = store.open()
     loaded = task.load()
-    days = published_partitions(object_store, TEACHER_LABELS_ROOT)
+    labels = upstream(context, object_store, TeacherLabels)
+    days = labels.published_days(fan_in_keys(context, TeacherLabels))
     if not days:
         raise dg.Failure(
             f"no teacher_labels partitions in {object_store.url}: materialise raw_logs and teacher_labels first"
         )
     context.log.info(f"curating {len(days)} days of labels: {days[0]} .. {days[-1]}")
     with scratch_dir(context) as scratch:
-        label_paths = [fetch_table(object_store, teacher_labels_prefix(day), "labels.parquet", scratch) for day in days]
+        label_paths = [labels.labels(day, scratch) for day in days]
         curated, removed = scratch / "curated.parquet", scratch / "removed.parquet"
         stats = curate(label_paths, loaded.curation, scratch / "duckdb", curated, removed, seed=loaded.splits.seed)
         publish_table(

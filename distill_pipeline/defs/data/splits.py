@@ -5,20 +5,21 @@ import json
 
 import dagster as dg
 
-from distill_pipeline.core.layout import CURATED_PREFIX, MANIFEST, TEST_SETS_CURRENT, test_sets_prefix, train_set_prefix
+from distill_pipeline.core.layout import MANIFEST, TEST_SETS_CURRENT, test_sets_prefix, train_set_prefix
+from distill_pipeline.core.published import CuratedExamples, TestSets
 from distill_pipeline.core.reporting import counts_table, markdown_table
-from distill_pipeline.core.store import ObjectNotFound, ObjectStore
-from distill_pipeline.core.tables import fetch_table, publish_table, read_manifest
-from distill_pipeline.data.splitting import TrainSize, build_test_sets, build_train_set, find_leakage
+from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.core.tables import MissingTableError, publish_table
+from distill_pipeline.data.splitting import TEST_SETS, TrainSize, build_test_sets, build_train_set, find_leakage
 from distill_pipeline.defs.core.common import location, scratch_dir
 from distill_pipeline.defs.core.partitions import train_sizes
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
-from distill_pipeline.defs.data.conditions import EAGER_BEHIND_CHECKS
+from distill_pipeline.defs.core.upstream import upstream
+from distill_pipeline.defs.data.conditions import EAGER_BEHIND_CHECKS, ONCE_BEHIND_CHECKS
 from distill_pipeline.defs.data.curation import curated_examples
 
 TEST_SET_SIZES_CHECK = "test_set_sizes"
 NO_TEST_LEAKAGE_CHECK = "no_test_leakage"
-TEST_SET_FILES = ("in_distribution.parquet", "balanced.parquet")
 
 
 class TestSetsConfig(dg.Config):
@@ -26,19 +27,11 @@ class TestSetsConfig(dg.Config):
     """Draw new test sets as a new version. Numbers measured on earlier versions stop being comparable."""
 
 
-def current_test_sets(store: ObjectStore) -> dict | None:
-    """The pointer to the frozen test-set version in use, or None before the first one."""
-    try:
-        return json.loads(store.get_bytes(TEST_SETS_CURRENT))
-    except ObjectNotFound:
-        return None
-
-
 @dg.asset(
     deps=[curated_examples],
     group_name="data",
     kinds={"duckdb", "parquet"},
-    automation_condition=EAGER_BEHIND_CHECKS,
+    automation_condition=ONCE_BEHIND_CHECKS,
     check_specs=[
         dg.AssetCheckSpec(
             TEST_SET_SIZES_CHECK,
@@ -53,16 +46,18 @@ def test_sets(
     """Frozen in-distribution and balanced test sets, made once and reused until explicitly rebuilt."""
     object_store = store.open()
     loaded = task.load()
-    pointer = current_test_sets(object_store)
+    frozen = TestSets(object_store)
+    pointer = frozen.current()
     if pointer is not None and not config.rebuild:
-        manifest = read_manifest(object_store, test_sets_prefix(pointer["version"]))
+        manifest = frozen.manifest(pointer["version"])
         context.log.info(f"reusing frozen test sets v{pointer['version']} (set rebuild: true to draw new ones)")
         return _test_sets_result(object_store, manifest, reused=True)
     version = (pointer["version"] + 1) if pointer else 1
     splits = loaded.splits
     with scratch_dir(context) as scratch:
-        curated = fetch_table(object_store, CURATED_PREFIX, "examples.parquet", scratch)
-        in_distribution, balanced = scratch / TEST_SET_FILES[0], scratch / TEST_SET_FILES[1]
+        pool = upstream(context, object_store, CuratedExamples)
+        curated = pool.examples(scratch)
+        in_distribution, balanced = (scratch / f"{name}.parquet" for name in TEST_SETS)
         stats = build_test_sets(
             curated,
             loaded.label.values,
@@ -77,7 +72,7 @@ def test_sets(
         manifest = publish_table(
             object_store,
             prefix,
-            {TEST_SET_FILES[0]: in_distribution, TEST_SET_FILES[1]: balanced},
+            {path.name: path for path in (in_distribution, balanced)},
             {
                 "version": version,
                 "task": loaded.id,
@@ -86,7 +81,7 @@ def test_sets(
                     "in_distribution": splits.in_distribution_test_size,
                     "balanced": splits.balanced_test_size,
                 },
-                "curated_manifest": read_manifest(object_store, CURATED_PREFIX),
+                "curated_manifest": pool.manifest(),
                 "stats": {
                     "in_distribution_rows": stats.in_distribution_rows,
                     "balanced_rows": stats.balanced_rows,
@@ -158,12 +153,14 @@ def train_sets(context: dg.AssetExecutionContext, store: StoreResource, task: Ta
     object_store = store.open()
     loaded = task.load()
     size = TrainSize.from_key(context.partition_key)
-    pointer = current_test_sets(object_store)
-    if pointer is None:
-        raise dg.Failure("no frozen test sets yet: materialise test_sets first")
+    pool, frozen = upstream(context, object_store, CuratedExamples), upstream(context, object_store, TestSets)
+    try:
+        pointer = frozen.require_current()
+    except MissingTableError as exc:
+        raise dg.Failure(str(exc)) from exc
     with scratch_dir(context) as scratch:
-        curated = fetch_table(object_store, CURATED_PREFIX, "examples.parquet", scratch)
-        tests = [fetch_table(object_store, pointer["prefix"], name, scratch) for name in TEST_SET_FILES]
+        curated = pool.examples(scratch)
+        tests = [frozen.table(pointer, name, scratch) for name in TEST_SETS]
         train = scratch / "train.parquet"
         stats = build_train_set(
             curated, tests, size, seed=loaded.splits.seed, workdir=scratch / "duckdb", train_path=train
@@ -178,7 +175,7 @@ def train_sets(context: dg.AssetExecutionContext, store: StoreResource, task: Ta
             {
                 "size": size.key,
                 "test_sets_version": pointer["version"],
-                "curated_sha256": read_manifest(object_store, CURATED_PREFIX)["files"]["examples.parquet"]["sha256"],
+                "curated_sha256": pool.manifest()["files"]["examples.parquet"]["sha256"],
                 "seed": loaded.splits.seed,
                 "stats": {"rows": stats.rows, "pool_rows": stats.pool_rows, "label_counts": stats.label_counts},
             },

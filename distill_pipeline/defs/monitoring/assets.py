@@ -1,33 +1,32 @@
 """The daily drift report: fresh traffic against the champion's training data, and the shadow champion."""
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from distill_pipeline.core.layout import (
-    CHAMPION_CURRENT,
-    CURATED_PREFIX,
-    DRIFT_REPORTS_ROOT,
-    drift_report_prefix,
-    raw_logs_prefix,
-    teacher_labels_prefix,
-    train_set_prefix,
+from distill_pipeline.core.layout import drift_report_prefix
+from distill_pipeline.core.published import Champion, CuratedExamples, LoraAdapters, RawLogs, TeacherLabels, TrainSets
+from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.core.tables import (
+    MissingTableError,
+    publish_report,
+    read_report,
 )
-from distill_pipeline.core.store import ObjectNotFound, ObjectStore
-from distill_pipeline.core.tables import MissingTableError, fetch_table, published_partitions, read_manifest
 from distill_pipeline.core.task import MonitoringConfig, Task
 from distill_pipeline.defs.core.common import location, scratch_dir
 from distill_pipeline.defs.core.partitions import log_days
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.core.upstream import upstream
+from distill_pipeline.defs.data.curation import curated_examples
 from distill_pipeline.defs.data.ingest import raw_logs
+from distill_pipeline.defs.data.splits import train_sets
 from distill_pipeline.defs.teachers.labelling import teacher_labels
+from distill_pipeline.logs.freshness import recent_days
 from distill_pipeline.monitoring import drift
 from distill_pipeline.students.adapters import fetch_adapter
 from distill_pipeline.students.predict import load_adapter_student, student_predictor
-from distill_pipeline.students.reports import publish_report, read_report
 
 INPUT_DRIFT_CHECK = "input_drift"
 OUTPUT_DRIFT_CHECK = "output_drift"
@@ -56,7 +55,16 @@ DRIFT_REPORT_CONDITION = (
 
 
 @dg.asset(
-    deps=[raw_logs, teacher_labels, dg.AssetKey("champion")],
+    deps=[
+        raw_logs,
+        teacher_labels,
+        dg.AssetKey("champion"),
+        # The reference a day is compared with: the champion's training set and adapter, or the
+        # curated pool before a champion exists.
+        dg.AssetDep(train_sets, partition_mapping=dg.AllPartitionMapping()),
+        dg.AssetDep(dg.AssetKey("lora_adapter"), partition_mapping=dg.AllPartitionMapping()),
+        curated_examples,
+    ],
     partitions_def=log_days,
     group_name="monitoring",
     kinds={"pytorch", "matplotlib"},
@@ -89,12 +97,12 @@ def drift_report(context: dg.AssetExecutionContext, store: StoreResource, task: 
     seed = int(hashlib.sha256(day.encode()).hexdigest()[:8], 16)
     with scratch_dir(context) as scratch:
         try:
-            labels_path = fetch_table(object_store, teacher_labels_prefix(day), "labels.parquet", scratch)
-            records_path = fetch_table(object_store, raw_logs_prefix(day), "records.parquet", scratch)
+            labels_path = upstream(context, object_store, TeacherLabels).labels(day, scratch)
+            records_path = upstream(context, object_store, RawLogs).records(day, scratch)
         except MissingTableError as exc:
             raise dg.Failure(f"{exc}: materialise raw_logs and teacher_labels for {day} first") from exc
         current = _read_columns(labels_path, ("request_id", "input", "label"))
-        champion = _read_json(object_store, CHAMPION_CURRENT)
+        champion = upstream(context, object_store, Champion).current()
         reference_name, reference_path = _reference_table(context, object_store, champion, scratch)
         reference = _read_columns(reference_path, ("request_id", "input", "label")) if reference_path else _empty()
         # Rows of the day that made it into the reference would hide their own drift.
@@ -167,7 +175,7 @@ def _input_and_output_drift(
     if task.label.positive is not None:
         report.label_rate = drift.label_rate_drift(reference["label"], current["label"], task.label.positive)
     # The same frozen encoder for every day, whichever student is champion.
-    encoder = task.student.base_model if task.student.kind == "encoder" else None
+    encoder = task.student.base_model if task.student.student_kind == "encoder" else None
     x_texts = reference_texts[: config.embedding_rows]
     y_texts = day_texts[: config.embedding_rows]
     context.log.info(f"embedding {len(x_texts)} reference and {len(y_texts)} fresh texts")
@@ -207,8 +215,9 @@ def _reference_table(
     """The champion's training set, else (before any champion) the curated pool, else nothing."""
     if champion is not None:
         size = champion["train_size"]
-        manifest = read_manifest(store, train_set_prefix(size))
-        adapter = read_manifest(store, champion["adapter_prefix"]) or {}
+        train_sets_table = upstream(context, store, TrainSets)
+        manifest = train_sets_table.manifest(size)
+        adapter = upstream(context, store, LoraAdapters).manifest(champion["adapter_prefix"]) or {}
         if manifest is not None:
             exact = manifest["files"]["train.parquet"]["sha256"] == adapter.get("train_sha256")
             if not exact:
@@ -216,9 +225,10 @@ def _reference_table(
                     f"train_sets {size} has changed since the champion trained on it: comparing with the current one"
                 )
             name = f"champion training set ({size}{'' if exact else ', rebuilt since'})"
-            return name, fetch_table(store, train_set_prefix(size), "train.parquet", scratch)
-    if read_manifest(store, CURATED_PREFIX) is not None:
-        return "curated_examples (no champion yet)", fetch_table(store, CURATED_PREFIX, "examples.parquet", scratch)
+            return name, train_sets_table.train(size, scratch)
+    pool = upstream(context, store, CuratedExamples)
+    if pool.manifest() is not None:
+        return "curated_examples (no champion yet)", pool.examples(scratch)
     return "nothing (no champion and no curated examples yet)", None
 
 
@@ -233,17 +243,9 @@ def _empty() -> dict[str, list[Any]]:
     return {"request_id": [], "input": [], "label": []}
 
 
-def _read_json(store: ObjectStore, key: str) -> dict[str, Any] | None:
-    try:
-        return json.loads(store.get_bytes(key))
-    except ObjectNotFound:
-        return None
-
-
 def _history(store: ObjectStore, day: str) -> list[dict[str, Any]]:
     """Published drift reports of the days up to ``day`` (at most HISTORY_DAYS of them), oldest first."""
-    days = [d for d in published_partitions(store, DRIFT_REPORTS_ROOT) if d <= day][-drift.HISTORY_DAYS :]
-    reports = [read_report(store, drift_report_prefix(d)) for d in days]
+    reports = [read_report(store, drift_report_prefix(d)) for d in recent_days(drift.HISTORY_DAYS, until=day)]
     return [r for r in reports if r is not None]
 
 

@@ -8,14 +8,17 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pydantic import Field
 
-from distill_pipeline.core.layout import CURATED_PREFIX, GOLD_LABELS, SYNTHETIC_PREFIX, TEACHER_EVAL_PREFIX
+from distill_pipeline.core.layout import GOLD_LABELS, SYNTHETIC_PREFIX, TEACHER_EVAL_PREFIX
+from distill_pipeline.core.published import CuratedExamples, TestSets
 from distill_pipeline.core.reporting import counts_table, markdown_table
 from distill_pipeline.core.store import ObjectNotFound
-from distill_pipeline.core.tables import fetch_table, publish_table
+from distill_pipeline.core.tables import publish_table
+from distill_pipeline.data.splitting import TEST_SETS
 from distill_pipeline.defs.core.common import location, scratch_dir
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.core.upstream import upstream
 from distill_pipeline.defs.data.curation import curated_examples
-from distill_pipeline.defs.data.splits import TEST_SET_FILES, current_test_sets, test_sets
+from distill_pipeline.defs.data.splits import test_sets
 from distill_pipeline.defs.teachers.labelling import totals_line, totals_metadata
 from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.teachers.client import TeacherSpec
@@ -74,13 +77,11 @@ def teacher_eval(
                 f"no gold table at {config.gold_table} in {object_store.url}: put a human-labelled table there "
                 "with `distill-pipeline gold <file> --text-column ... --label-column ...`"
             ) from None
-        pointer = current_test_sets(object_store)
+        test_set_tables = upstream(context, object_store, TestSets)
+        pointer = test_set_tables.current()
         frozen = {}
         if pointer is not None:
-            frozen = {
-                name.removesuffix(".parquet"): fetch_table(object_store, pointer["prefix"], name, scratch)
-                for name in TEST_SET_FILES
-            }
+            frozen = {name: test_set_tables.table(pointer, name, scratch) for name in TEST_SETS}
         sets = load_gold_sets(
             gold_path,
             frozen,
@@ -166,7 +167,7 @@ def synthetic_examples(
     rewriter = TeacherSpec(rewriter_model, "rewrite", synthetic.temperature, synthetic.max_tokens)
     labeller = TeacherSpec(labeller_model, teacher.prompt_id, teacher.temperature, teacher.max_tokens)
     with scratch_dir(context) as scratch:
-        curated = fetch_table(object_store, CURATED_PREFIX, "examples.parquet", scratch)
+        curated = upstream(context, object_store, CuratedExamples).examples(scratch)
         per_label = max(1, config.seeds // len(loaded.label.values))
         with duckdb.connect() as con:
             rows = con.execute(

@@ -5,15 +5,17 @@ from pathlib import Path
 
 import dagster as dg
 
-from distill_pipeline.core.layout import raw_logs_prefix, teacher_labels_prefix
+from distill_pipeline.core.layout import teacher_labels_prefix
+from distill_pipeline.core.published import RawLogs
 from distill_pipeline.core.reporting import counts_table, markdown_table, parquet_sample_markdown
 from distill_pipeline.core.store import ObjectStore
-from distill_pipeline.core.tables import fetch_table, publish_table
+from distill_pipeline.core.tables import publish_table
 from distill_pipeline.core.task import Task
 from distill_pipeline.data.labels import inputs_for_teachers, label_records
 from distill_pipeline.defs.core.common import location, scratch_dir
 from distill_pipeline.defs.core.partitions import log_days
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
+from distill_pipeline.defs.core.upstream import upstream
 from distill_pipeline.defs.data.ingest import raw_logs
 from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.teachers.batch import BatchLabeller
@@ -46,7 +48,7 @@ def teacher_labels(
     loaded = task.load()
     teacher_metadata: dict[str, object] = {}
     with scratch_dir(context) as scratch:
-        records = fetch_table(object_store, raw_logs_prefix(day), "records.parquet", scratch)
+        records = upstream(context, object_store, RawLogs).records(day, scratch)
         labels, quarantine = scratch / "labels.parquet", scratch / "quarantine.parquet"
         files = {"labels.parquet": labels, "quarantine.parquet": quarantine}
         if teacher.mode == "logged":
