@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 import subprocess
@@ -15,15 +16,14 @@ import pytest
 
 from distill_pipeline.core.layout import CHAMPION_CURRENT, adapter_pointer, eval_report_prefix
 from distill_pipeline.core.store import LocalStore
-from distill_pipeline.core.tables import publish_table, read_manifest
-from distill_pipeline.core.task import BUILTIN_TASKS_DIR, Task, TaskConfigError, load_task
+from distill_pipeline.core.tables import publish_report, publish_table, read_manifest, read_report
+from distill_pipeline.core.task import BUILTIN_TASKS_DIR, Task, load_task
 from distill_pipeline.defs.students import assets as student_assets
 from distill_pipeline.defs.students.launchers import K8S_GPU_OP_TAGS
 from distill_pipeline.defs.students.resources import TrainerResource
 from distill_pipeline.demo.simulator import simulate_traffic
 from distill_pipeline.students.devices import claim_gpu, device_env, visible_gpus
 from distill_pipeline.students.promotion import Candidate, best_candidate, decide_promotion
-from distill_pipeline.students.reports import publish_report, read_report
 from distill_pipeline.students.specs import build_train_spec, train_id
 from distill_pipeline_tests.test_assets import ASSETS, _checks, _metadata, _resources
 
@@ -120,41 +120,24 @@ def test_the_best_candidate_has_the_best_mean_and_ties_go_to_more_data() -> None
 
 def test_the_task_student_section_becomes_the_train_spec(tmp_path: Path) -> None:
     task = load_task()
-    student = task.student
-    spec = build_train_spec(task, tmp_path / "train.parquet", tmp_path / "out", train_rows=20_000)
-    assert (spec.student_kind, spec.base_model, spec.label_values, spec.label_names) == (
+    spec = build_train_spec(task, tmp_path / "train.parquet", tmp_path / "out")
+    # Every student setting as the task sets it; the run's own fields from the task and the call.
+    assert {name: getattr(spec, name) for name in dataclasses.asdict(task.student)} == dataclasses.asdict(task.student)
+    assert (spec.student_kind, spec.base_model, spec.label_values, spec.label_names, spec.positive_label) == (
         "encoder",
         None,
         [0, 1],
         ["ok", "toxic"],
+        1,
     )
-    assert (spec.epochs, spec.learning_rate, spec.max_length_cap, spec.batch_size) == (
-        student.epochs,
-        student.learning_rate,
-        student.max_length_cap,
-        student.batch_size,
-    )
-    # A small set gets enough epochs for about min_train_steps optimiser steps.
-    small = build_train_spec(task, tmp_path / "train.parquet", tmp_path / "out", train_rows=300)
-    steps_per_epoch = -(-round(300 * (1 - student.validation_fraction)) // student.batch_size)
-    assert small.epochs > student.epochs
-    assert small.epochs * steps_per_epoch >= student.min_train_steps > (small.epochs - 1) * steps_per_epoch
+    assert (spec.train_path, spec.output_dir) == (str(tmp_path / "train.parquet"), str(tmp_path / "out"))
+    # The epochs as set: the trainer adds more for a small set (min_train_steps), where it knows
+    # the exact number of steps an epoch takes.
+    assert (spec.epochs, spec.min_train_steps) == (1, 60)
     # The id names settings and data, not where the files lie.
-    elsewhere = build_train_spec(task, "/elsewhere/train.parquet", "/elsewhere/out", train_rows=20_000)
+    elsewhere = build_train_spec(task, "/elsewhere/train.parquet", "/elsewhere/out")
     assert train_id(spec, "abc") == train_id(elsewhere, "abc") != train_id(spec, "abd")
-    assert train_id(spec, "abc") != train_id(small, "abc")
-
-
-def test_a_bad_student_section_is_refused(tmp_path: Path) -> None:
-    folder = tmp_path / "task"
-    shutil.copytree(BUILTIN_TASKS_DIR / "toxicity", folder)
-    toml = folder / "task.toml"
-    toml.write_text(toml.read_text().replace('kind = "encoder"', 'kind = "decoder"'))
-    with pytest.raises(TaskConfigError, match="base_model"):
-        load_task(folder)
-    toml.write_text(toml.read_text().replace('kind = "decoder"', 'kind = "rnn"'))
-    with pytest.raises(TaskConfigError, match="encoder"):
-        load_task(folder)
+    assert train_id(spec, "abc") != train_id(dataclasses.replace(spec, learning_rate=1e-3), "abc")
 
 
 def test_gpus_come_from_config_env_or_driver_and_each_step_holds_its_own(
@@ -288,8 +271,10 @@ def test_the_champion_gate_promotes_keeps_and_rejects(local_store: LocalStore, t
         # A retrained 100pct student, better on one set only: rejected, current.json untouched.
         _fake_report(local_store, "100pct", "cccc", 1000, (0.99, 0.801), tmp_path)
         rejected = _materialize_champion(local_store, task, instance)
-        assert not rejected.success
+        assert rejected.success, "a challenger that did not earn promotion is an outcome, not a failed run"
         assert _checks(rejected) == {"promotion_gate": False, "champion_readable": True}
+        assert _metadata(rejected, "champion")["decision"].startswith("kept the current champion")
+        assert "balanced" in _metadata(rejected, "champion")["reasons"]
         assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["train_id"] == "bbbb"
 
         # Better on both by the margin: promoted, and the history keeps both champions.
@@ -302,7 +287,7 @@ def test_the_champion_gate_promotes_keeps_and_rejects(local_store: LocalStore, t
         # Held against the teacher without gold labels: the gate stays shut.
         _fake_report(local_store, "75pct", "eeee", 750, (0.97, 0.9), tmp_path)
         teacher = _materialize_champion(local_store, task, instance, compare_to="teacher")
-        assert not teacher.success and _checks(teacher)["promotion_gate"] is False
+        assert teacher.success and _checks(teacher)["promotion_gate"] is False
         assert "gold labels" in _metadata(teacher, "champion")["reasons"]
         assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["train_id"] == "dddd"
 
