@@ -13,7 +13,9 @@ import dagster as dg
 import pytest
 
 from distill_pipeline.core.layout import CHAMPION_CURRENT, drift_report_prefix
+from distill_pipeline.core.published import LoraAdapters
 from distill_pipeline.core.store import LocalStore
+from distill_pipeline.core.tables import read_report
 from distill_pipeline.core.task import BUILTIN_TASKS_DIR, Task, load_task
 from distill_pipeline.definitions import defs as load_defs
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
@@ -30,8 +32,6 @@ from distill_pipeline.defs.students.assets import lora_adapter
 from distill_pipeline.defs.teachers.labelling import teacher_labels
 from distill_pipeline.demo.simulator import TrafficProfile, simulate_traffic
 from distill_pipeline.monitoring import drift
-from distill_pipeline.students.adapters import current_adapter
-from distill_pipeline.students.reports import read_report
 
 DAYS = ["2026-03-01", "2026-03-02", "2026-03-03"]
 DATA_ASSETS = [
@@ -57,8 +57,10 @@ def tiny_task(folder: Path, **overrides: str) -> Task:
             text = line.sub(f"{name} = {value}", text, count=1)
         else:
             text = text.replace(f"[{section}]\n", f"[{section}]\n{name} = {value}\n", 1)
+    # The fixed days below lie months back: the fresh-logs sensor's window reaches them.
     text += (
         "\n[monitoring]\nsample_rows = 200\nembedding_rows = 60\npermutations = 100\nmin_rows = 30\nshadow_rows = 60\n"
+        f"fresh_log_days = {(dt.date.today() - dt.date.fromisoformat(DAYS[0])).days + 2}\n"
     )
     (folder / "task.toml").write_text(text)
     return load_task(folder)
@@ -109,7 +111,7 @@ def test_fresh_logs_sensor_requests_each_new_day_once(
 ) -> None:
     _simulate(local_store, task, DAYS[0])
     _simulate(local_store, task, DAYS[1])
-    resources = {"store": StoreResource(url=local_store.url)}
+    resources = {"store": StoreResource(url=local_store.url), "task": TaskResource(name=str(task.source))}
 
     first = fresh_logs_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     assert [(r.partition_key, r.tags[TRIGGER_TAG]) for r in first.run_requests] == [
@@ -134,6 +136,28 @@ def test_fresh_logs_sensor_requests_each_new_day_once(
     assert _materialize(DATA_ASSETS, ["raw_logs"], local_store, task, instance, DAYS[0]).success
     fresh_start = fresh_logs_sensor(dg.build_sensor_context(instance=instance, resources=resources))
     assert [r.partition_key for r in fresh_start.run_requests] == [DAYS[1]]
+
+
+def test_fresh_logs_sensor_lists_only_its_window_of_recent_days(
+    local_store: LocalStore, tmp_path: Path, instance: dg.DagsterInstance, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    task = tiny_task(tmp_path / "window_task")
+    text = (task.source / "task.toml").read_text()
+    (task.source / "task.toml").write_text(re.sub(r"^fresh_log_days = .*$", "fresh_log_days = 3", text, flags=re.M))
+    today = dt.datetime.now(dt.UTC).date()
+    recent, old = (today - dt.timedelta(days=1)).isoformat(), (today - dt.timedelta(days=30)).isoformat()
+    _simulate(local_store, task, recent, rows=50)
+    _simulate(local_store, task, old, rows=50)
+    listed: list[str] = []
+    real_list = LocalStore.list
+    monkeypatch.setattr(LocalStore, "list", lambda self, prefix: listed.append(prefix) or real_list(self, prefix))
+    resources = {"store": StoreResource(url=local_store.url), "task": TaskResource(name=str(task.source))}
+
+    result = fresh_logs_sensor(dg.build_sensor_context(instance=instance, resources=resources))
+
+    assert [r.partition_key for r in result.run_requests] == [recent]
+    # Three prefixes, one a day, however many days the store holds.
+    assert listed == [f"logs/dt={(today - dt.timedelta(days=back)).isoformat()}/" for back in (2, 1, 0)]
 
 
 def test_automation_follows_ingestion_and_waits_for_blocking_checks(
@@ -169,13 +193,20 @@ def test_automation_follows_ingestion_and_waits_for_blocking_checks(
     assert after_curation.get_requested_partitions(split_assets.train_sets.key) == set(sizes)
     assert after_curation.get_num_requested(curated_examples.key) == 0
 
+    # New curated data leaves the frozen test sets as they are.
+    assert _materialize(DATA_ASSETS, ["curated_examples"], local_store, task, instance).success
+    recurated = dg.evaluate_automation_conditions(
+        defs=definitions, instance=instance, asset_selection=automated, cursor=after_curation.cursor
+    )
+    assert recurated.get_num_requested(split_assets.test_sets.key) == 0
+
     # A day whose teacher answers fail the blocking parse check stops the flow there.
     strict = tiny_task(tmp_path / "strict", **{"checks.max_parse_failure_rate": "0.0"})
     _simulate(local_store, strict, DAYS[1])
     failed = _materialize(DATA_ASSETS, ["raw_logs", "teacher_labels"], local_store, strict, instance, DAYS[1])
     assert not failed.success
     blocked = dg.evaluate_automation_conditions(
-        defs=definitions, instance=instance, asset_selection=automated, cursor=after_curation.cursor
+        defs=definitions, instance=instance, asset_selection=automated, cursor=recurated.cursor
     )
     assert blocked.get_num_requested(curated_examples.key) == 0
     assert DAYS[1] not in blocked.get_requested_partitions(drift_report.key)
@@ -271,7 +302,7 @@ def test_drift_report_detects_injected_drift_and_shadow_evaluates_the_champion(
     # which the curated pool took in) and labelled by it in the shadow.
     for asset, partition in (("test_sets", None), ("train_sets", "100pct"), ("lora_adapter", "100pct")):
         assert _materialize(assets, [asset], local_store, task, instance, partition).success, asset
-    adapter = current_adapter(local_store, "100pct")
+    adapter = LoraAdapters(local_store).current("100pct")
     assert adapter is not None
     champion = {
         "adapter_prefix": adapter["prefix"],

@@ -9,6 +9,7 @@ that was already asked for.
 
 from __future__ import annotations
 
+import datetime as dt
 import hashlib
 import json
 import re
@@ -104,3 +105,10 @@ def scan_for_fresh_days(
     # Days whose objects all disappeared are forgotten: a later upload makes them fresh again.
     cursor_out = json.dumps({"version": CURSOR_VERSION, "days": days}, sort_keys=True, separators=(",", ":"))
     return FreshnessScan(fresh, skipped, cursor_out)
+
+
+def recent_days(count: int, *, until: str | None = None, first_day: str | None = None) -> list[str]:
+    """The ``count`` days up to ``until`` (default: today, UTC), oldest first, none before ``first_day``."""
+    last = dt.date.fromisoformat(until) if until else dt.datetime.now(dt.UTC).date()
+    days = [(last - dt.timedelta(days=back)).isoformat() for back in range(count - 1, -1, -1)]
+    return [day for day in days if first_day is None or day >= first_day] or [last.isoformat()]

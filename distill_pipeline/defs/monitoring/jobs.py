@@ -2,9 +2,10 @@
 
 import dagster as dg
 
-from distill_pipeline.core.task import TaskConfigError, load_task
+from distill_pipeline.core.task import TaskConfigError
 from distill_pipeline.data.splitting import TrainSize
 from distill_pipeline.defs.core.partitions import train_sizes
+from distill_pipeline.defs.core.resources import location_task
 
 REDISTILL_JOB = "redistill_job"
 #: Tags every retraining run carries, so the UI can filter them and say why each one ran.
@@ -17,7 +18,7 @@ DRIFT_DAY_TAG = "distill/drift_day"
 
 def retrain_size_key() -> str:
     """The size partition re-distillation trains (``[monitoring] retrain_size`` of the task)."""
-    key = TrainSize.parse(load_task().monitoring.retrain_size).key
+    key = TrainSize.parse(location_task().monitoring.retrain_size).key
     if key not in train_sizes.get_partition_keys():
         raise TaskConfigError(
             f"monitoring.retrain_size {key!r} is not one of the task's training sizes {train_sizes.get_partition_keys()}"

@@ -2,13 +2,13 @@
 
 import dagster as dg
 
-from distill_pipeline.core.task import load_task
+from distill_pipeline.defs.core.resources import location_task
 from distill_pipeline.defs.monitoring.jobs import TRIGGER_TAG, redistill_job, retrain_size_key
 
 
 @dg.schedule(
     name="redistill_schedule",
-    cron_schedule=load_task().monitoring.retrain_cron,
+    cron_schedule=location_task().monitoring.retrain_cron,
     execution_timezone="UTC",
     job=redistill_job,
     default_status=dg.DefaultScheduleStatus.RUNNING,

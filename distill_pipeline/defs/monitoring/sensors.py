@@ -4,7 +4,7 @@ import json
 
 import dagster as dg
 
-from distill_pipeline.core.task import load_task
+from distill_pipeline.defs.core.resources import location_task
 from distill_pipeline.defs.data.curation import curated_examples
 from distill_pipeline.defs.data.splits import test_sets, train_sets
 from distill_pipeline.defs.monitoring.assets import drift_report
@@ -19,7 +19,7 @@ from distill_pipeline.defs.monitoring.jobs import (
 )
 from distill_pipeline.monitoring import drift
 
-INTERVAL_S = load_task().monitoring.sensor_interval_s
+INTERVAL_S = location_task().monitoring.sensor_interval_s
 # Drift reports read per tick; more wait for the next tick, in order.
 DRIFT_REPORTS_PER_TICK = 500
 
