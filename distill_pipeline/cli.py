@@ -14,16 +14,16 @@ def _demo(args: argparse.Namespace) -> int:
     from distill_pipeline.core.task import load_task
     from distill_pipeline.data.splitting import TrainSize
     from distill_pipeline.demo.main_job import (
+        TARGETS,
         StageFailed,
-        plan_data_stages,
-        plan_student_stages,
+        plan_runs,
         prepare_dagster_home,
-        recent_days,
         results_tables,
-        run_steps,
+        run_plan,
         summary_table,
     )
     from distill_pipeline.demo.simulator import simulate_traffic
+    from distill_pipeline.logs.freshness import recent_days
     from distill_pipeline.students.devices import visible_gpus
 
     started = time.perf_counter()
@@ -53,23 +53,23 @@ def _demo(args: argparse.Namespace) -> int:
             print(
                 f"gold table: the true labels of {summary.gold_rows:,} distinct inputs, as if people had labelled them"
             )
-    size_keys = [TrainSize.parse(s).key for s in task.splits.train_sizes]
-    steps = plan_data_stages(days, size_keys)
-    if args.stages == "all":
-        steps += plan_student_stages(size_keys)
-        if not visible_gpus():
-            print(
-                f"NOTICE: no GPU found: the {len(size_keys)} students train on CPU ({os.cpu_count()} cores), "
-                f"{task.student.epochs} epoch(s) of the {task.student.kind} student each"
-            )
+    from distill_pipeline.definitions import defs as load_defs
+
+    definitions = load_defs()
+    runs = plan_runs(definitions, TARGETS[args.stages], days)
+    if args.stages == "all" and not visible_gpus():
+        print(
+            f"NOTICE: no GPU found: the {len(task.splits.train_sizes)} students train on CPU ({os.cpu_count()} cores), "
+            f"{task.student.epochs} epoch(s) of the {task.student.student_kind} student each"
+        )
     try:
-        outcomes = run_steps(steps)
+        outcomes = run_plan(definitions, runs)
     except StageFailed as exc:
         print(f"\n{exc}", file=sys.stderr)
         return 1
     print("\n" + summary_table(outcomes))
     if args.stages == "all":
-        print("\n" + results_tables(store))
+        print("\n" + results_tables(store, [TrainSize.parse(size).key for size in task.splits.train_sizes]))
     print(f"\ndone in {time.perf_counter() - started:.1f}s. See the runs: DAGSTER_HOME={home} dagster dev")
     return 0
 
@@ -77,8 +77,8 @@ def _demo(args: argparse.Namespace) -> int:
 def _simulate(args: argparse.Namespace) -> int:
     from distill_pipeline.core.store import open_store
     from distill_pipeline.core.task import load_task
-    from distill_pipeline.demo.main_job import recent_days
     from distill_pipeline.demo.simulator import simulate_traffic
+    from distill_pipeline.logs.freshness import recent_days
 
     days = args.day or recent_days(args.days)
     summary = simulate_traffic(

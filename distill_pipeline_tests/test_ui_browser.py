@@ -21,10 +21,9 @@ from selenium.webdriver.support.ui import WebDriverWait
 
 from distill_pipeline.core.layout import CURATED_PREFIX, drift_report_prefix
 from distill_pipeline.core.store import LocalStore
-from distill_pipeline.core.tables import read_manifest
+from distill_pipeline.core.tables import read_manifest, read_report
 from distill_pipeline.core.task import load_task
 from distill_pipeline.demo.simulator import TrafficProfile, simulate_traffic
-from distill_pipeline.students.reports import read_report
 from distill_pipeline_tests.dagster_dev import (
     REPO_ROOT,
     DagsterDev,
@@ -107,8 +106,8 @@ def test_asset_graph_launch_from_the_ui_and_report_metadata(tmp_path: Path, brow
         assert dev.graphql("mutation { setNuxSeen }")["setNuxSeen"] is True
         _prepare_two_days(dev, store, task_dir, days)
 
-        # The asset graph of the ingestion group, with the sensors' materialisations on it.
-        _open(browser, f"{dev.url}/locations/distill_pipeline/asset-groups/ingestion", "teacher_labels")
+        # The asset graph of the data group, with the sensors' materialisations on it.
+        _open(browser, f"{dev.url}/locations/distill_pipeline/asset-groups/data", "curated_examples")
         WebDriverWait(browser, UI_TIMEOUT_S).until(lambda d: "Passed" in d.find_element(By.TAG_NAME, "body").text)
         browser.save_screenshot(str(ARTIFACTS / "asset_graph.png"))
 

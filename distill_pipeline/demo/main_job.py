@@ -2,16 +2,15 @@
 
 Runs go through a real Dagster instance (``$DAGSTER_HOME``, by default ``./.dagster_home``), so
 ``dagster dev`` started afterwards with the same ``DAGSTER_HOME`` shows every run and its
-metadata. Stages run in dependency order, one partition at a time, with a line of progress each.
+metadata. Which assets run, in which order and for which partitions, comes from the asset graph
+(:func:`plan_runs`); each run is executed in process by Dagster, with a line of progress per asset.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import sys
-import time
 import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -40,11 +39,6 @@ def prepare_dagster_home(path: str | None = None) -> Path:
     return home
 
 
-def recent_days(count: int, *, until: dt.date | None = None) -> list[str]:
-    last = until or dt.datetime.now(dt.UTC).date()
-    return [(last - dt.timedelta(days=offset)).isoformat() for offset in range(count - 1, -1, -1)]
-
-
 @dataclass
 class StepOutcome:
     asset: str
@@ -55,14 +49,15 @@ class StepOutcome:
 
 
 @dataclass(frozen=True)
-class Step:
-    asset: str
+class PlannedRun:
+    """One Dagster run: assets of one partitions definition, materialised for one partition."""
+
+    assets: tuple[str, ...]
     partition: str | None
-    # What one line of progress says about the result, from the materialisation's metadata.
-    describe: Callable[[dict[str, Any]], str]
-    # Blocking checks whose failure is a decision rather than a breakdown (a promotion gate that
-    # stays closed): the step is reported and the job goes on.
-    gate_checks: tuple[str, ...] = ()
+
+
+#: The main job's targets: everything upstream of these is materialised, in the graph's order.
+TARGETS = {"data": ("train_sets",), "all": ("ablation_report", "champion")}
 
 
 def _value(metadata: dict[str, Any], key: str) -> Any:
@@ -77,152 +72,132 @@ def _fmt(metadata: dict[str, Any], key: str) -> str:
     return f"{value:,}" if isinstance(value, int) else str(value)
 
 
-def plan_data_stages(days: Sequence[str], size_keys: Sequence[str]) -> list[Step]:
-    steps: list[Step] = []
-    for day in days:
-        steps.append(
-            Step(
-                "raw_logs",
-                day,
-                lambda m: (
-                    f"{_fmt(m, 'lines_in')} lines -> {_fmt(m, 'kept')} kept, {_fmt(m, 'quarantined')} quarantined"
-                ),
-            )
-        )
-        steps.append(
-            Step(
-                "teacher_labels",
-                day,
-                lambda m: (
-                    f"{_fmt(m, 'labelled')} labelled, parse rate {_fmt(m, 'parse_rate')}, "
-                    f"{_fmt(m, 'quarantined')} quarantined"
-                ),
-            )
-        )
-    steps.append(Step("curated_examples", None, lambda m: f"{_fmt(m, 'rows_in')} in -> {_fmt(m, 'kept')} kept"))
-    steps.append(
-        Step(
-            "test_sets",
-            None,
-            lambda m: (
-                f"v{_fmt(m, 'version')}{' (reused, frozen)' if _value(m, 'reused_frozen_version') else ''}: "
-                f"{_fmt(m, 'in_distribution_rows')} in-distribution, {_fmt(m, 'balanced_rows')} balanced"
-            ),
-        )
-    )
-    for key in size_keys:
-        steps.append(
-            Step(
-                "train_sets", key, lambda m: f"{_fmt(m, 'dagster/row_count')} rows of a {_fmt(m, 'pool_rows')}-row pool"
-            )
-        )
-    return steps
+#: What one line of progress says about an asset's materialisation, from its metadata.
+DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
+    "raw_logs": lambda m: f"{_fmt(m, 'lines_in')} lines -> {_fmt(m, 'kept')} kept, {_fmt(m, 'quarantined')} quarantined",
+    "teacher_labels": lambda m: (
+        f"{_fmt(m, 'labelled')} labelled, parse rate {_fmt(m, 'parse_rate')}, {_fmt(m, 'quarantined')} quarantined"
+    ),
+    "curated_examples": lambda m: f"{_fmt(m, 'rows_in')} in -> {_fmt(m, 'kept')} kept",
+    "test_sets": lambda m: (
+        f"v{_fmt(m, 'version')}{' (reused, frozen)' if _value(m, 'reused_frozen_version') else ''}: "
+        f"{_fmt(m, 'in_distribution_rows')} in-distribution, {_fmt(m, 'balanced_rows')} balanced"
+    ),
+    "train_sets": lambda m: f"{_fmt(m, 'dagster/row_count')} rows of a {_fmt(m, 'pool_rows')}-row pool",
+    "lora_adapter": lambda m: (
+        f"{_fmt(m, 'train_rows')} rows, {_fmt(m, 'steps')} steps on {_fmt(m, 'device')}, "
+        f"{_fmt(m, 'train_tokens_per_s')} tokens/s, validation accuracy {_fmt(m, 'val_accuracy')}"
+        + (" (reused)" if _value(m, "reused_published_adapter") else "")
+    ),
+    "eval_report": lambda m: (
+        f"student {_fmt(m, 'student_accuracy_in_distribution')} / {_fmt(m, 'student_accuracy_balanced')}, "
+        f"tfidf_logreg {_fmt(m, 'tfidf_logreg_accuracy_in_distribution')} / "
+        f"{_fmt(m, 'tfidf_logreg_accuracy_balanced')} (in-distribution / balanced)"
+    ),
+    "ablation_report": lambda m: f"{_fmt(m, 'sizes')} sizes fitted",
+    "champion": lambda m: f"{_fmt(m, 'decision')}: champion is {_fmt(m, 'champion_size')}",
+}
 
 
-def plan_student_stages(size_keys: Sequence[str]) -> list[Step]:
-    """After the data stages: a student and its evaluation per size, then the ablation and the champion."""
-    steps: list[Step] = []
-    for key in size_keys:
-        steps.append(
-            Step(
-                "lora_adapter",
-                key,
-                lambda m: (
-                    f"{_fmt(m, 'train_rows')} rows, {_fmt(m, 'steps')} steps on {_fmt(m, 'device')}, "
-                    f"{_fmt(m, 'train_tokens_per_s')} tokens/s, validation accuracy {_fmt(m, 'val_accuracy')}"
-                    + (" (reused)" if _value(m, "reused_published_adapter") else "")
-                ),
-            )
-        )
-        steps.append(
-            Step(
-                "eval_report",
-                key,
-                lambda m: (
-                    f"student {_fmt(m, 'student_accuracy_in_distribution')} / {_fmt(m, 'student_accuracy_balanced')}, "
-                    f"tfidf_logreg {_fmt(m, 'tfidf_logreg_accuracy_in_distribution')} / "
-                    f"{_fmt(m, 'tfidf_logreg_accuracy_balanced')} (in-distribution / balanced)"
-                ),
-            )
-        )
-    steps.append(Step("ablation_report", None, lambda m: f"{_fmt(m, 'sizes')} sizes fitted"))
-    steps.append(
-        Step(
-            "champion",
-            None,
-            lambda m: f"{_fmt(m, 'decision')}: champion is {_fmt(m, 'champion_size')}",
-            gate_checks=("promotion_gate",),
-        )
-    )
-    return steps
+def plan_runs(definitions: Any, targets: Sequence[str], days: Sequence[str]) -> list[PlannedRun]:
+    """The runs that materialise ``targets`` and everything upstream of them, from the asset graph.
+
+    Assets come in the graph's topological order; consecutive assets with the same partitions
+    definition share a run per partition (Dagster runs one partition of one definition at a
+    time): day-partitioned assets for each of ``days``, the size-partitioned ones for each size.
+    """
+    import dagster as dg
+
+    graph = definitions.resolve_asset_graph()
+    selected = dg.AssetSelection.assets(*targets).upstream().resolve(graph)
+    ordered = [key for key in graph.toposorted_asset_keys if key in selected and graph.get(key).is_materializable]
+    runs: list[PlannedRun] = []
+    group: list[Any] = []
+
+    def flush() -> None:
+        if not group:
+            return
+        partitions = graph.get(group[0]).partitions_def
+        if partitions is None:
+            keys: Sequence[str | None] = [None]
+        elif isinstance(partitions, dg.TimeWindowPartitionsDefinition):
+            keys = list(days)
+        else:
+            keys = partitions.get_partition_keys()
+        names = tuple(key.to_user_string() for key in group)
+        runs.extend(PlannedRun(names, key) for key in keys)
+        group.clear()
+
+    for key in ordered:
+        if group and graph.get(key).partitions_def != graph.get(group[0]).partitions_def:
+            flush()
+        group.append(key)
+    flush()
+    return runs
 
 
 class StageFailed(RuntimeError):
     pass
 
 
-def run_steps(steps: Sequence[Step], *, out: TextIO = sys.stdout) -> list[StepOutcome]:
-    """Materialise each step in order in the current ``$DAGSTER_HOME`` instance.
+def run_plan(definitions: Any, runs: Sequence[PlannedRun], *, out: TextIO = sys.stdout) -> list[StepOutcome]:
+    """Execute each planned run in process in the current ``$DAGSTER_HOME`` instance, a line of
+    progress per materialised asset.
 
     The resources read ``DISTILL_STORE`` and ``DISTILL_TASK`` from the environment, as a run
     launched from the UI does.
     """
     import dagster as dg
 
-    from distill_pipeline.definitions import defs as load_defs
-
-    definitions = load_defs()
     assets = list(definitions.assets or [])
-    outcomes = []
+    total = sum(len(run.assets) for run in runs)
+    outcomes: list[StepOutcome] = []
     # Pipes' message reader is a Dagster preview API; its notice would interleave with the
     # progress lines of every training step.
     warnings.filterwarnings("ignore", category=dg.PreviewWarning)
     warnings.filterwarnings("ignore", category=dg.BetaWarning)
     with dg.DagsterInstance.get() as instance:
-        for index, step in enumerate(steps, start=1):
-            label = f"[{index}/{len(steps)}] {step.asset}" + (f" {step.partition}" if step.partition else "")
-            print(f"{label} ...", end="", flush=True, file=out)
-            started = time.perf_counter()
+        for run in runs:
+            label = "+".join(run.assets) + (f" {run.partition}" if run.partition else "")
+            print(f"{label} ...", flush=True, file=out)
             result = dg.materialize(
                 assets,
-                selection=[step.asset],
-                partition_key=step.partition,
+                selection=list(run.assets),
+                partition_key=run.partition,
                 instance=instance,
                 resources=definitions.resources,
                 raise_on_error=False,
-                # Progress is one line per step here; the full event log is in the UI.
+                # Progress is one line per asset here; the full event log is in the UI.
                 run_config={"loggers": {"console": {"config": {"log_level": "ERROR"}}}},
                 tags={"distill/launched_by": "main_job"},
             )
-            seconds = time.perf_counter() - started
-            materializations = result.asset_materializations_for_node(step.asset)
-            metadata = dict(materializations[-1].metadata) if materializations else {}
-            checks = {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
-            failed_gates = {name for name, passed in checks.items() if not passed} & set(step.gate_checks)
-            closed_gate_only = bool(materializations) and failed_gates and _only_gates_failed(result, failed_gates)
-            if not result.success and not closed_gate_only:
-                print(f" FAILED after {seconds:.1f}s (run {result.run_id})", file=out)
-                raise StageFailed(_failure_text(result, step))
-            outcomes.append(StepOutcome(step.asset, step.partition, seconds, metadata, checks))
-            failed_checks = [name for name, passed in checks.items() if not passed]
-            warning = f"  [checks failed: {', '.join(failed_checks)}]" if failed_checks else ""
-            print(f" {step.describe(metadata)} ({seconds:.1f}s){warning}", file=out, flush=True)
+            seconds = {
+                stats.step_key: (stats.end_time or stats.start_time or 0.0) - (stats.start_time or 0.0)
+                for stats in instance.get_run_step_stats(result.run_id)
+            }
+            checks = {
+                (evaluation.asset_key.to_user_string(), evaluation.check_name): evaluation.passed
+                for evaluation in result.get_asset_check_evaluations()
+            }
+            for asset in run.assets:
+                materializations = result.asset_materializations_for_node(asset)
+                if not materializations:
+                    continue
+                metadata = dict(materializations[-1].metadata)
+                asset_checks = {name: passed for (owner, name), passed in checks.items() if owner == asset}
+                outcome = StepOutcome(asset, run.partition, seconds.get(asset, 0.0), metadata, asset_checks)
+                outcomes.append(outcome)
+                failed = [name for name, passed in asset_checks.items() if not passed]
+                warning = f"  [checks failed: {', '.join(failed)}]" if failed else ""
+                place = f"[{len(outcomes)}/{total}] {asset}" + (f" {run.partition}" if run.partition else "")
+                print(f"{place} {DESCRIBE[asset](metadata)} ({outcome.seconds:.1f}s){warning}", file=out, flush=True)
+            if not result.success:
+                print(f"FAILED: {label} (run {result.run_id})", file=out)
+                raise StageFailed(_failure_text(result, label))
     return outcomes
 
 
-def _only_gates_failed(result: Any, gates: set[str]) -> bool:
-    """Whether the run failed only because these blocking checks failed."""
-    for event in result.all_events:
-        if event.event_type_value == "STEP_FAILURE":
-            error = event.step_failure_data.error
-            if error is None or "DagsterAssetCheckFailedError" not in (error.cls_name or ""):
-                return False
-    failed = {e.check_name for e in result.get_asset_check_evaluations() if not e.passed}
-    blocking = {e.check_name for e in result.get_asset_check_evaluations() if not e.passed and e.blocking}
-    return blocking <= gates and bool(failed & gates)
-
-
-def _failure_text(result: Any, step: Step) -> str:
+def _failure_text(result: Any, label: str) -> str:
     messages = []
     for event in result.all_events:
         if event.event_type_value == "STEP_FAILURE" and event.step_failure_data.error:
@@ -232,7 +207,7 @@ def _failure_text(result: Any, step: Step) -> str:
             if not evaluation.passed:
                 messages.append(f"check {evaluation.check_name} failed: {evaluation.description or ''}")
     detail = "\n".join(messages) or "see the run in the Dagster UI"
-    return f"{step.asset} {step.partition or ''} failed in run {result.run_id}:\n{detail}"
+    return f"{label} failed in run {result.run_id}:\n{detail}"
 
 
 def summary_table(outcomes: Sequence[StepOutcome]) -> str:
@@ -278,28 +253,17 @@ def summary_table(outcomes: Sequence[StepOutcome]) -> str:
     return markdown_table(rows, ["stage", "partitions", "rows in", "rows out", "quarantined / removed", "seconds"])
 
 
-def results_tables(store: Any) -> str:
+def results_tables(store: Any, size_keys: Sequence[str]) -> str:
     """The students' results from the store: per size, the champion beside teacher and baselines, the ablation."""
-    import json
-
-    from distill_pipeline.core.layout import ABLATION_PREFIX, CHAMPION_CURRENT, EVAL_REPORTS_ROOT, eval_report_prefix
+    from distill_pipeline.core.layout import ABLATION_PREFIX
+    from distill_pipeline.core.published import Champion, EvalReports
     from distill_pipeline.core.reporting import markdown_table
-    from distill_pipeline.core.store import ObjectNotFound
-    from distill_pipeline.core.tables import published_partitions
-    from distill_pipeline.students.ablation import TEST_SETS
+    from distill_pipeline.core.tables import read_report
+    from distill_pipeline.data.splitting import TEST_SETS
     from distill_pipeline.students.evaluation import comparison_report
-    from distill_pipeline.students.reports import (
-        MAJORITY,
-        STUDENT,
-        TFIDF,
-        read_report,
-        reference_note,
-        scores_by_test_set,
-    )
+    from distill_pipeline.students.reports import MAJORITY, STUDENT, TFIDF, reference_note, scores_by_test_set
 
-    reports = [
-        read_report(store, eval_report_prefix(size)) for size in published_partitions(store, EVAL_REPORTS_ROOT, "size")
-    ]
+    reports = [EvalReports(store).report(size) for size in size_keys]
     reports = sorted((r for r in reports if r is not None), key=lambda r: r["train_rows"])
     if not reports:
         return ""
@@ -312,10 +276,7 @@ def results_tables(store: Any) -> str:
         [(r["size"], f"{r['train_rows']:,}", pair(r, STUDENT), pair(r, TFIDF), pair(r, MAJORITY)) for r in reports],
         ["size", "training rows", "student", "tfidf_logreg", "majority"],
     )
-    try:
-        champion = json.loads(store.get_bytes(CHAMPION_CURRENT))
-    except ObjectNotFound:
-        champion = None
+    champion = Champion(store).current()
     shown = next((r for r in reports if champion and r["train_id"] == champion["train_id"]), reports[-1])
     title = "champion" if champion and shown["train_id"] == champion["train_id"] else "largest training set"
     ablation = read_report(store, ABLATION_PREFIX)
