@@ -74,6 +74,20 @@ def test_unknown_local_metric_is_refused_and_hub_ids_pass_through(monkeypatch: p
     monkeypatch.setattr(evaluate, "load", lambda path, **kwargs: calls.append(path) or "hub module")
     assert load_metric("hub:bertscore") == "hub module"
     assert calls == ["bertscore"]
+    load_metric.cache_clear()
+
+
+def test_each_metric_module_is_loaded_once_per_process(monkeypatch: pytest.MonkeyPatch) -> None:
+    import evaluate
+
+    load_metric.cache_clear()
+    loads = []
+    real_load = evaluate.load
+    monkeypatch.setattr(evaluate, "load", lambda path, **kwargs: loads.append(path) or real_load(path, **kwargs))
+    for _ in range(3):
+        evaluate_predictions(GOLD, PREDICTED, None, (0, 1), 1, label_names=("ok", "toxic"))
+    assert sorted(Path(path).name for path in loads) == ["accuracy", "confusion_matrix", "f1", "precision", "recall"]
+    load_metric.cache_clear()
 
 
 def test_binary_metrics_match_the_hand_computed_confusion_matrix() -> None:

@@ -9,6 +9,7 @@ Heavy libraries (``evaluate``, scikit-learn) are imported where they are used.
 
 from __future__ import annotations
 
+import functools
 import math
 import time
 from collections import Counter
@@ -27,10 +28,14 @@ COMPARISON_COLUMNS: tuple[str, ...] = ("accuracy", "precision", "recall", "f1", 
 MISSING_CELL = "–"
 
 
+@functools.cache
 def load_metric(name: str) -> Any:
     """An ``evaluate`` metric: a local module by name, or ``hub:<id>`` passed through to ``evaluate.load``.
 
     Results are kept in memory rather than in evaluate's on-disk cache, which needs file locks.
+    Each module is loaded once per process: ``evaluate.load`` copies and imports the script
+    again on every call, which cost more than the metrics themselves. A loaded metric keeps no
+    state between ``compute`` calls, so one instance serves every evaluation.
     """
     import evaluate
 
