@@ -12,10 +12,14 @@ HTTP. It serves:
   ``batch_delay_s``, its output file answering every line as the chat endpoint would;
 - ``POST /_control``: faults and settings at run time (latency, a storm of 429s with
   ``Retry-After`` for a share of requests over a time window, a burst of 5xx answers, a
-  requests-per-minute limit enforced with 429s, models that do not exist);
+  requests-per-minute limit enforced with 429s, models that do not exist, every chat request
+  refused with a status (``echo_key_status``: 400, 401, ...) whose error body quotes the key and
+  the ``Authorization`` header it received, as a careless provider or proxy might);
 - ``GET /_stats``: what it saw: requests by status, answers paid (200s), the number of paid
   answers to a request it had already paid for once (duplicates), and the most requests that
-  arrived in any 60-second window.
+  arrived in any 60-second window, and a fingerprint (:func:`credential_fingerprint`) of each
+  ``Authorization`` header chat requests carried, so a test knows which key was sent without the
+  server keeping it.
 
 Run it as ``python -m distill_pipeline_tests.openai_server --port N [--script FILE]``; a script
 is JSONL of ``{"model": ..., "content": ..., "response": ...}`` (``model`` ``"*"`` for any).
@@ -62,6 +66,11 @@ def default_answer(content: str) -> str:
     return f'```json\n{{"is_bad": {is_bad}}}\n```'
 
 
+def credential_fingerprint(authorization: str) -> str:
+    """What the server's stats show of an ``Authorization`` header: a short hash, never the key."""
+    return hashlib.sha256(authorization.encode()).hexdigest()[:16]
+
+
 def _count_tokens(text: str) -> int:
     import litellm
 
@@ -80,6 +89,7 @@ class Faults:
     rpm_limit: int | None = None
     missing_models: frozenset[str] = frozenset()
     batch_delay_s: float = 0.5
+    echo_key_status: int | None = None
 
 
 @dataclass
@@ -88,6 +98,7 @@ class Stats:
     paid_by_key: Counter[str] = field(default_factory=Counter)
     arrivals: list[float] = field(default_factory=list)
     batch_lines: int = 0
+    credentials: set[str] = field(default_factory=set)
 
     def as_json(self) -> dict[str, Any]:
         return {
@@ -100,6 +111,7 @@ class Stats:
             "first_arrival": self.arrivals[0] if self.arrivals else None,
             "last_arrival": self.arrivals[-1] if self.arrivals else None,
             "batch_lines": self.batch_lines,
+            "credentials": sorted(self.credentials),
         }
 
 
@@ -175,7 +187,15 @@ class TeacherServer:
         except json.JSONDecodeError:
             self.stats.by_status[400] += 1
             return _error(400, "body is not JSON", "invalid_request_error")
-        if request.headers.get("Authorization") == f"Bearer {INVALID_KEY}":
+        received = request.headers.get("Authorization", "")
+        self.stats.credentials.add(credential_fingerprint(received))
+        if self.faults.echo_key_status is not None:
+            status = self.faults.echo_key_status
+            self.stats.by_status[status] += 1
+            token = received.removeprefix("Bearer ")
+            message = f"Request refused: {token} is not valid here (received Authorization: {received})"
+            return _error(status, message, "echoed_credentials")
+        if received == f"Bearer {INVALID_KEY}":
             self.stats.by_status[401] += 1
             return _error(401, "Incorrect API key provided", "invalid_api_key")
         fault = self._fault(now, str(body.get("model", "")))
@@ -309,6 +329,8 @@ class TeacherServer:
             faults.rpm_limit = None if body["rpm_limit"] is None else int(body["rpm_limit"])
         if "missing_models" in body:
             faults.missing_models = frozenset(body["missing_models"])
+        if "echo_key_status" in body:
+            faults.echo_key_status = None if body["echo_key_status"] is None else int(body["echo_key_status"])
         if "batch_delay_s" in body:
             faults.batch_delay_s = float(body["batch_delay_s"])
             # Batches already running take the new delay too (a provider speeding up, or a test moving on).

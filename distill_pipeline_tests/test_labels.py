@@ -224,3 +224,65 @@ file = "prompts/p.txt"
         "toxicity-record": "record of another task: toxicity",
     }
     assert stats.label_counts == {-1: 1, 0: 1, 1: 1}
+
+
+def test_keys_quoted_in_reasons_and_excerpts_are_redacted(tmp_path, monkeypatch):
+    key = "sk-proj-Zq8LmN3vR7tY1wX5cB9dF2gH4jK6pQ0s"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    # The key straddles the reason's cut: redacted before it is cut, so no part of it survives.
+    straddling = "x" * (REASON_CHARS - 10) + f" {key}"
+    rows = [
+        r("echo", None, error=f"BadRequestError: Received Authorization: Bearer {key}"),
+        r("cut", None, error=straddling),
+        r("answer", f"my key is {key}, no label"),
+    ]
+    _, _, quarantined = run(tmp_path, rows)
+    reasons = {row["request_id"]: row["reason"] for row in quarantined}
+    assert reasons["echo"] == "provider error: BadRequestError: Received Authorization: ***"
+    assert reasons["cut"] == "provider error: " + "x" * (REASON_CHARS - 10) + " ***"
+    assert {row["response_excerpt"] for row in quarantined} == {None, "my key is ***, no label"}
+    files = [tmp_path / "labels.parquet", tmp_path / "label_quarantine.parquet"]
+    assert all(key[:12].encode() not in path.read_bytes() for path in files)
+
+
+def verdicts_for(inputs: list[str], labels: list[int | None], reasons: list[str | None]) -> pa.Table:
+    n = len(inputs)
+    return pa.table(
+        {
+            "input": inputs,
+            "t_label": pa.array(labels, pa.int64()),
+            "t_method": ["json" if label is not None else None for label in labels],
+            "t_model": ["openai/teacher-a"] * n,
+            "t_prompt_id": ["simple_prompt"] * n,
+            "t_prompt_version": ["1"] * n,
+            "t_agreement": [1.0 if label is not None else None for label in labels],
+            "t_votes": pa.array([1 if label is not None else 0 for label in labels], pa.int64()),
+            "t_tied": [False] * n,
+            "t_detail": ["[]"] * n,
+            "t_response": ['{"is_bad": 0}' if label is not None else None for label in labels],
+            "t_reason": reasons,
+        }
+    )
+
+
+def test_rows_no_teacher_answered_are_counted_apart_from_parse_failures(tmp_path):
+    rows = [r(f"r{i}", '{"is_bad": 1}') for i in range(1, 5)]
+    records = write_records(tmp_path / "records.parquet", rows)
+    inputs = [f"comment number {i}" for i in range(1, 5)]
+    verdicts = verdicts_for(
+        inputs,
+        [0, None, None, None],
+        [None, "unparseable response: unrecognised format (openai/teacher-a)", "provider error: timeout", None],
+    )
+    # The last input has no verdict row at all: asked, never answered.
+    stats = label_records(
+        records, TOXICITY, tmp_path / "work", tmp_path / "labels.parquet", tmp_path / "quarantine.parquet",
+        mode="relabel", verdicts=verdicts.slice(0, 3),
+    )  # fmt: skip
+    assert (stats.to_teachers, stats.teacher_failures, stats.with_response, stats.labelled) == (4, 2, 2, 1)
+    assert stats.teacher_failure_rate == 0.5 and stats.parse_rate == 0.5
+
+
+def test_logged_mode_hands_nothing_to_teachers(tmp_path):
+    stats, _, _ = run(tmp_path, [r("e", None, error="APITimeoutError")])
+    assert (stats.to_teachers, stats.teacher_failures, stats.teacher_failure_rate) == (0, 0, 0.0)

@@ -6,6 +6,10 @@ record belongs to another task. In the teacher modes a row's label comes instead
 verdict of one or more configured teachers (``relabel.py`` asks them): for every row of the task
 (``relabel``), or only where the logged response gave none (``fill``). Responses repeat heavily (a classifier teacher answers in a
 handful of shapes), so each distinct response text is parsed once and joined back in DuckDB.
+
+Reasons and response excerpts quote what providers said, so they are redacted
+(:func:`~distill_pipeline.core.secrets.redact`) where they are written: a key a provider or proxy
+echoed never reaches the quarantine table, the review table, the stats or the manifest.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ import duckdb
 import pyarrow as pa
 
 from distill_pipeline.core import duck
+from distill_pipeline.core.secrets import redact_all
 from distill_pipeline.core.task import Task
 from distill_pipeline.data.parsing import parse_responses
 
@@ -45,6 +50,9 @@ class LabelStats:
     labelled: int = 0
     quarantined: int = 0
     with_response: int = 0
+    #: Rows whose label was asked of teachers (``relabel``, ``fill``), and those no teacher answered.
+    to_teachers: int = 0
+    teacher_failures: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     label_counts: dict[int, int] = field(default_factory=dict)
     methods: dict[str, int] = field(default_factory=dict)
@@ -57,6 +65,11 @@ class LabelStats:
     def parse_rate(self) -> float:
         """Share of non-error responses that gave a label."""
         return self.labelled / self.with_response if self.with_response else 1.0
+
+    @property
+    def teacher_failure_rate(self) -> float:
+        """Share of the rows handed to teachers that no teacher answered (0 when none were)."""
+        return self.teacher_failures / self.to_teachers if self.to_teachers else 0.0
 
 
 #: Extra columns of rows whose label may come from teachers (``relabel`` and ``fill`` modes).
@@ -78,6 +91,21 @@ VERDICT_COLUMNS = (
 )
 LabelMode = Literal["logged", "relabel", "fill"]
 LABEL_MODES: tuple[LabelMode, ...] = ("logged", "relabel", "fill")
+REDACT_FUNCTION = "redact_secrets"
+
+
+def _redact_column(texts: pa.Array) -> pa.Array:
+    return pa.array(redact_all(texts.to_pylist()), pa.string())
+
+
+def _connect(workdir: Path) -> duckdb.DuckDBPyConnection:
+    """A scratch connection where ``redact_secrets(text)`` takes the secrets out of a provider's text."""
+    con = duck.connect(workdir)
+    varchar = duckdb.sqltypes.VARCHAR
+    con.create_function(
+        REDACT_FUNCTION, _redact_column, [varchar], varchar, type="arrow", null_handling="special", side_effects=False
+    )
+    return con
 
 
 def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task) -> None:
@@ -105,7 +133,7 @@ def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task)
             CASE
                 WHEN r.task IS NOT NULL AND r.task <> {task_id} THEN 'record of another task: ' || left(r.task, 40)
                 WHEN r.error IS NOT NULL AND r.response IS NULL
-                    THEN 'provider error: ' || left(r.error, {REASON_CHARS})
+                    THEN 'provider error: ' || left({REDACT_FUNCTION}(r.error), {REASON_CHARS})
                 WHEN p.label IS NULL THEN 'unparseable response: ' || coalesce(p.parse_error, 'no response')
             END AS logged_reason
         FROM records r LEFT JOIN parsed p ON r.response = p.response
@@ -118,7 +146,7 @@ def inputs_for_teachers(records_path: Path, task: Task, workdir: Path, mode: Lab
     """The distinct inputs teachers must answer in ``mode``: all of the task's, or those without a logged label."""
     if mode == "logged":
         return []
-    con = duck.connect(workdir)
+    con = _connect(workdir)
     try:
         _logged_view(con, records_path, task)
         wanted = "of_task" if mode == "relabel" else "of_task AND logged_label IS NULL"
@@ -151,7 +179,7 @@ def label_records(
     """
     if mode != "logged" and verdicts is None:
         raise ValueError(f"label mode {mode!r} needs the teachers' verdicts")
-    con = duck.connect(workdir)
+    con = _connect(workdir)
     try:
         _logged_view(con, records_path, task)
         if mode == "logged":
@@ -169,24 +197,33 @@ def label_records(
                 duck.copy_to_parquet(
                     con,
                     "SELECT request_id, input, label AS majority_label, teacher_agreement, teacher_votes, "
-                    "t_tied AS tied, t_detail AS votes FROM judged "
+                    f"t_tied AS tied, {REDACT_FUNCTION}(t_detail) AS votes FROM judged "
                     "WHERE label_source = 'teacher' AND teacher_agreement < 1 "
                     "ORDER BY teacher_agreement, source_key, source_line",
                     review_path,
                 )
+        # A reason may quote a provider (its error, a parser quoting its answer): redacted here, before
+        # the quarantine table, the stats and the manifest take it (a logged error also before it is
+        # cut short, so that no key is cut where its pattern no longer matches).
+        con.execute(f"UPDATE judged SET reason = {REDACT_FUNCTION}(reason) WHERE reason IS NOT NULL")
         duck.copy_to_parquet(
             con, f"SELECT {columns} FROM judged WHERE reason IS NULL ORDER BY source_key, source_line", labels_path
         )
         duck.copy_to_parquet(
             con,
             "SELECT request_id, source_key, source_line, reason, model, prompt_template_id, "
-            "left(response, 300) AS response_excerpt, left(input, 300) AS input_excerpt "
+            f"left({REDACT_FUNCTION}(response), 300) AS response_excerpt, left(input, 300) AS input_excerpt "
             "FROM judged WHERE reason IS NOT NULL ORDER BY source_key, source_line",
             quarantine_path,
         )
         stats = LabelStats()
         stats.rows_in = con.execute("SELECT count(*) FROM judged").fetchone()[0]
         stats.with_response = con.execute("SELECT count(*) FROM judged WHERE answered").fetchone()[0]
+        if mode != "logged":
+            stats.to_teachers, stats.teacher_failures = con.execute(
+                "SELECT count(*), count(*) FILTER (WHERE NOT coalesce(answered, false)) "
+                "FROM judged WHERE label_source = 'teacher'"
+            ).fetchone()
         stats.reasons = dict(
             con.execute(
                 "SELECT reason, count(*) FROM judged WHERE reason IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"

@@ -25,6 +25,7 @@ from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 
 from distill_pipeline.core.layout import LEDGER_ROOT
+from distill_pipeline.core.secrets import redact
 from distill_pipeline.core.store import ObjectStore
 from distill_pipeline.core.tables import read_pointer
 from distill_pipeline.core.task import PromptTemplate
@@ -248,7 +249,7 @@ class BatchLabeller:
                     prompt_version=template.version,
                     params=spec.params,
                     input_sha256=input_sha256(todo[key]),
-                    response=body["choices"][0]["message"]["content"] or "",
+                    response=redact(body["choices"][0]["message"]["content"] or ""),
                     prompt_tokens=prompt_tokens,
                     completion_tokens=completion_tokens,
                     cost_usd=cost,

@@ -14,7 +14,10 @@ prompt template of the task, sampling parameters). Every input whose key is in t
 - every answer is written to the ledger the moment it arrives, with its tokens and cost (the
   configured price table first, else litellm's price map);
 - a budget cap is checked before each call against what was spent plus what calls in flight
-  may still cost, so a run stops before it overspends, and everything paid for is kept.
+  may still cost, so a run stops before it overspends, and everything paid for is kept;
+- the key is registered as a secret, and every provider error and answer is redacted
+  (:mod:`~distill_pipeline.core.secrets`) before it is logged, returned or kept: a provider or
+  proxy that quotes the credentials it received leaks them nowhere.
 
 litellm's own retries and Router limits are not used: the Router refuses requests over its
 rpm/tpm instead of pacing them, and its retries do not share a pause across concurrent requests,
@@ -34,6 +37,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from distill_pipeline.core.backoff import backoff_delay_s
+from distill_pipeline.core.secrets import error_text, redact, register_secret
 from distill_pipeline.core.task import PromptTemplate
 from distill_pipeline.teachers.ledger import Ledger, LedgerEntry, input_sha256, ledger_key, utc_now
 
@@ -250,6 +254,7 @@ class TeacherClient:
         self, settings: ClientSettings, ledger: Ledger, *, progress: Callable[[str], None] | None = None
     ) -> None:
         self.settings = settings
+        register_secret(settings.api_key)
         self.ledger = ledger
         self.pacer = RequestPacer(settings.rpm, settings.tpm)
         self.totals = RunTotals()
@@ -367,18 +372,12 @@ class TeacherClient:
             except (BudgetExceeded, TeacherAuthError):
                 raise
             except Exception as exc:  # the provider's final word on this request; try the fallback
-                error = self._describe(exc)
+                error = error_text(exc)[:_ERROR_CHARS]
                 log.warning("teacher %s failed on one input: %s", model, error)
                 continue
             return Answer(key, entry.response, None, False, entry.served_model)
         self.totals.failed += 1
         return Answer(key, None, error, False, None)
-
-    def _describe(self, exc: BaseException) -> str:
-        text = f"{type(exc).__name__}: {exc}"
-        if self.settings.api_key:
-            text = text.replace(self.settings.api_key, "***")
-        return text[:_ERROR_CHARS]
 
     def _reserve(self, model: str, estimated_tokens: int, max_tokens: int) -> float:
         budget = self.settings.budget_usd
@@ -430,7 +429,9 @@ class TeacherClient:
                 latency_ms = (time.monotonic() - started) * 1000.0
                 return self._keep(spec, template, key, model, text, response, latency_ms)
             except litellm.AuthenticationError as exc:
-                raise TeacherAuthError(f"{model}: the provider refused the API key ({type(exc).__name__})") from None
+                raise TeacherAuthError(
+                    f"{model}: the provider refused the API key ({error_text(exc)[:_ERROR_CHARS]})"
+                ) from None
             except (litellm.RateLimitError, litellm.InternalServerError, litellm.ServiceUnavailableError,
                     litellm.Timeout, litellm.APIConnectionError) as exc:  # fmt: skip
                 if attempt == settings.max_retries:
@@ -462,7 +463,7 @@ class TeacherClient:
         response: Any,
         latency_ms: float,
     ) -> LedgerEntry:
-        content = response.choices[0].message.content or ""
+        content = redact(response.choices[0].message.content or "")
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
