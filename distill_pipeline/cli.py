@@ -1,4 +1,9 @@
-"""The command line: ``distill-pipeline demo | simulate | import | gold | predict``."""
+"""The command line: ``distill-pipeline demo | simulate | import | gold | predict``.
+
+A mistake of the user's (a path, a column, a value: :class:`UsageError` from the domain code, a
+missing file, a bad option) is one line on stderr with exit status 2; anything else is a bug,
+reported in one line (exit status 1) unless ``--debug`` asks for its traceback.
+"""
 
 from __future__ import annotations
 
@@ -6,7 +11,15 @@ import argparse
 import os
 import sys
 import time
+import traceback
 from collections.abc import Sequence
+from typing import NoReturn
+
+from distill_pipeline.core.errors import UsageError
+
+PROG = "distill-pipeline"
+#: The exceptions that are the user's to fix; each names the problem and the fix in its message.
+USER_ERRORS = (UsageError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError)
 
 
 def _demo(args: argparse.Namespace) -> int:
@@ -98,35 +111,33 @@ def _simulate(args: argparse.Namespace) -> int:
 def _import(args: argparse.Namespace) -> int:
     from distill_pipeline.core.store import open_store
     from distill_pipeline.core.task import load_task
-    from distill_pipeline.logs.importer import ColumnMapping, import_table, jigsaw_mapping
+    from distill_pipeline.logs.importer import import_table, jigsaw_mapping, mapping_from_options
 
     if args.preset == "jigsaw":
+        if args.map or args.constant:
+            raise UsageError("--preset jigsaw sets the whole mapping: leave out --map and --constant")
         mapping = jigsaw_mapping()
     else:
-        fields = dict(item.split("=", 1) for item in args.map)
-        if "input" not in fields or "response" not in fields:
-            print("--map input=<column> and --map response=<column> are required without --preset", file=sys.stderr)
-            return 2
-        constants = dict(item.split("=", 1) for item in args.constant)
-        mapping = ColumnMapping(**fields, constants=constants)
+        mapping = mapping_from_options(args.map, args.constant)
     summary = import_table(open_store(args.store), args.table, mapping, default_day=args.day, task=load_task(args.task))
     print(
         f"read {summary.rows_read:,} rows, wrote {summary.rows_written:,} log records in "
         f"{len(summary.object_keys)} objects; skipped {summary.skipped or 'none'}"
     )
+    if summary.objects_removed:
+        days = sorted({key.split("/")[1].removeprefix("dt=") for key in summary.objects_removed})
+        print(
+            f"removed {len(summary.objects_removed)} object(s) an earlier import of this table wrote on "
+            f"{', '.join(days)}; re-materialise raw_logs for those days"
+        )
     return 0
 
 
 def _gold(args: argparse.Namespace) -> int:
-    import tempfile
-    from pathlib import Path
-
-    import pyarrow.parquet as pq
-
     from distill_pipeline.core.layout import GOLD_LABELS
     from distill_pipeline.core.store import open_store
     from distill_pipeline.core.task import load_task
-    from distill_pipeline.data.gold import GoldTableError, gold_table_from
+    from distill_pipeline.data.gold import GoldTableError, gold_table_from, publish_gold_table
     from distill_pipeline.logs.importer import read_source_table
 
     task = load_task(args.task)
@@ -139,16 +150,14 @@ def _gold(args: argparse.Namespace) -> int:
             test_set_column=args.test_set_column,
         )
     except GoldTableError as exc:
-        print(f"{args.table}: {exc}", file=sys.stderr)
-        return 2
+        raise GoldTableError(f"{args.table}: {exc}") from exc
     store = open_store(args.store)
-    with tempfile.TemporaryDirectory(prefix="distill-gold-") as directory:
-        local = Path(directory) / "labels.parquet"
-        pq.write_table(gold, local)
-        store.put_file(GOLD_LABELS, local)
+    kept = publish_gold_table(store, gold)
     counts = gold.group_by("gold_label").aggregate([("gold_label", "count")]).to_pylist()
     by_label = ", ".join(f"{task.label.name_of(c['gold_label'])} {c['gold_label_count']:,}" for c in counts)
     print(f"wrote {gold.num_rows:,} gold rows ({by_label}) to {store.url}/{GOLD_LABELS}")
+    if kept:
+        print(f"the gold table it replaced is kept at {store.url}/{kept}")
     return 0
 
 
@@ -158,31 +167,47 @@ def _predict(args: argparse.Namespace) -> int:
 
     from distill_pipeline.core.store import open_store
     from distill_pipeline.students.adapters import resolve_adapter
-    from distill_pipeline.students.predict import load_adapter_student, predict_table, student_predictor
+    from distill_pipeline.students.predict import (
+        label_table,
+        load_adapter_student,
+        read_table_to_label,
+        student_predictor,
+    )
 
+    # The table is read and checked before the model loads: a typo costs no wait.
+    table, texts = read_table_to_label(Path(args.input), args.text_column, Path(args.output))
     with tempfile.TemporaryDirectory(prefix="distill-predict-") as directory:
-        local = Path(args.adapter).expanduser()
-        store = None if local.exists() else open_store(args.store)
-        try:
-            adapter = resolve_adapter(args.adapter, store, Path(directory))
-        except FileNotFoundError as exc:
-            print(f"no adapter {args.adapter!r}: {exc}", file=sys.stderr)
-            return 2
+        store = None if Path(args.adapter).expanduser().exists() else open_store(args.store)
+        adapter = resolve_adapter(args.adapter, store, Path(directory))
         student = load_adapter_student(adapter, device=args.device, log=lambda message: print(message, file=sys.stderr))
-        rows = predict_table(
-            student_predictor(student, args.batch_size),
-            student.labels.names,
-            Path(args.input),
-            Path(args.output),
-            args.text_column,
+        rows = label_table(
+            student_predictor(student, args.batch_size), student.labels.names, table, texts, Path(args.output)
         )
     print(f"labelled {rows:,} rows into {args.output}")
     return 0
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, with its errors on one line: the problem, and where the usage is."""
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: {message}; see {self.prog} --help\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="distill-pipeline", description=__doc__)
+    parser = _Parser(prog=PROG, description=__doc__.split("\n", 1)[0])
     parser.add_argument("--store", help="store URL (default: $DISTILL_STORE or ./.distill_store)")
+    parser.add_argument("--debug", action="store_true", help="show the traceback of an error")
     parser.add_argument("--task", help="task id or folder (default: $DISTILL_TASK or toxicity)")
     commands = parser.add_subparsers(dest="command", required=True)
 
@@ -238,10 +263,10 @@ def build_parser() -> argparse.ArgumentParser:
         required=True,
         help="a local adapter folder, a published adapter prefix in the store, or 'champion'",
     )
-    predict.add_argument("--input", required=True, help="a .parquet or .jsonl table")
-    predict.add_argument("--output", required=True, help="the .parquet file to write")
+    predict.add_argument("--input", required=True, help="a CSV, Parquet or JSONL table")
+    predict.add_argument("--output", required=True, help="the .parquet file to write (not the input)")
     predict.add_argument("--text-column", default="input")
-    predict.add_argument("--batch-size", type=int, default=32)
+    predict.add_argument("--batch-size", type=_positive_int, default=32)
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     predict.set_defaults(run=_predict)
     return parser
@@ -251,10 +276,27 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.run(args)
-    except FileNotFoundError as exc:
-        # A mistyped path is the user's to fix, not a crash to read a traceback of.
-        print(f"distill-pipeline: {exc}", file=sys.stderr)
+    except USER_ERRORS as exc:
+        if args.debug:
+            traceback.print_exc()
+        _say(_user_message(exc))
         return 2
+    except Exception as exc:
+        if args.debug:
+            traceback.print_exc()
+        _say(f"a bug ({type(exc).__name__}: {exc}); rerun with --debug for the traceback and report it")
+        return 1
+
+
+def _user_message(exc: Exception) -> str:
+    if isinstance(exc, OSError) and exc.filename is not None:
+        return f"{exc.filename}: {(exc.strerror or str(exc)).lower()}"
+    return str(exc)
+
+
+def _say(message: str) -> None:
+    """One line on stderr, whatever the message holds (a parser's message may quote a newline)."""
+    print(f"{PROG}: {' '.join(message.split())}", file=sys.stderr)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 from pathlib import Path
 
 import pyarrow as pa
@@ -14,8 +16,10 @@ from distill_pipeline.core.task import load_task
 from distill_pipeline.logs.importer import (
     ColumnMapping,
     ImportMappingError,
+    SourceTableError,
     import_table,
     jigsaw_mapping,
+    mapping_from_options,
     object_payloads,
 )
 from distill_pipeline.logs.schema import LOG_PREFIX, SCHEMA_FIELDS, encode_log_object
@@ -288,7 +292,7 @@ def test_unknown_extension_needs_an_explicit_format(tmp_path: Path) -> None:
     path = tmp_path / "export.txt"
     path.write_text('{"comment": "hi", "answer": "0"}\n')
     mapping = ColumnMapping(input="comment", response="answer", constants={"model": "m", "prompt_template_id": "p"})
-    with pytest.raises(ValueError, match="pass source_format"):
+    with pytest.raises(SourceTableError, match=r"extension '\.txt': rename it to end in one of \.csv, "):
         import_table(LocalStore(tmp_path / "store"), path, mapping, default_day="2024-01-01")
     summary = import_table(
         LocalStore(tmp_path / "store"), path, mapping, default_day="2024-01-01", source_format="jsonl"
@@ -304,3 +308,131 @@ def test_object_payloads_match_encode_log_object_across_chunks() -> None:
         encode_log_object(lines[2:6]),
         encode_log_object(lines[6:]),
     ]
+
+
+MODEL_AND_PROMPT = {"model": "m", "prompt_template_id": "p"}
+
+
+@pytest.mark.parametrize(
+    ("answers", "found"),
+    [
+        ([False, True], "bool values (the first at row 0: False)"),
+        ([None, [1], [0]], "list<item: int64> values (the first at row 1: [1])"),
+        ([None, None, 1], "int64 values (the first at row 2: 1)"),
+    ],
+)
+def test_a_column_of_the_wrong_type_is_refused_not_cast_to_text(tmp_path: Path, answers: list, found: str) -> None:
+    # Cast to text, True and [1] would read "true" and "[1]", and the label parser finds 1 in both.
+    path = tmp_path / "calls.jsonl"
+    path.write_text("".join(json.dumps({"text": f"comment {i}", "answer": a}) + "\n" for i, a in enumerate(answers)))
+    mapping = ColumnMapping(input="text", response="answer", constants=MODEL_AND_PROMPT)
+    store = LocalStore(tmp_path / "store")
+    with pytest.raises(ImportMappingError) as refused:
+        import_table(store, path, mapping, default_day="2024-01-01")
+    assert str(refused.value).startswith(f"column 'answer' (mapped to response) holds {found}, but response takes text")
+    assert store.list(f"{LOG_PREFIX}/") == []
+
+
+def test_ids_may_be_integers_and_numbers_must_be_finite_numbers(tmp_path: Path) -> None:
+    rows = [{"id": 7, "text": "hi", "answer": "0", "ms": 12}, {"id": 8, "text": "yo", "answer": "1", "ms": 3.5}]
+    path = tmp_path / "calls.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    mapping = ColumnMapping(
+        input="text", response="answer", request_id="id", latency_ms="ms", constants=MODEL_AND_PROMPT
+    )
+    summary = import_table(LocalStore(tmp_path / "store"), path, mapping, default_day="2024-01-01")
+    records = read_records(LocalStore(tmp_path / "store"), summary.object_keys)
+    assert [(r["request_id"], r["latency_ms"]) for r in records] == [("7", 12.0), ("8", 3.5)]
+
+    # CSV cells are text: each is checked to be a finite number; an empty cell (or NaN) is no value.
+    csv_path = tmp_path / "calls.csv"
+    mapping = dataclasses.replace(mapping, request_id=None)
+    for cell, shown in (("1e400", "'1e400'"), ("fast", "'fast'"), ("-inf", "'-inf'")):
+        csv_path.write_text(f"text,answer,ms\na,0,\nb,1,NaN\nc,0,{cell}\n")
+        with pytest.raises(
+            ImportMappingError, match=f"^column 'ms' \\(mapped to latency_ms\\) holds {shown} at row 2,"
+        ):
+            import_table(LocalStore(tmp_path / "csv"), csv_path, mapping, default_day="2024-01-01")
+    csv_path.write_text("text,answer,ms\na,0,\nb,1,NaN\nc,0,1.5e3\n")
+    summary = import_table(LocalStore(tmp_path / "csv"), csv_path, mapping, default_day="2024-01-01")
+    assert [r["latency_ms"] for r in read_records(LocalStore(tmp_path / "csv"), summary.object_keys)] == [
+        None,
+        None,
+        1500.0,
+    ]
+
+
+def test_reimporting_a_table_with_another_day_moves_its_rows_to_that_day(tmp_path: Path) -> None:
+    path = tmp_path / "calls.csv"
+    path.write_text("id,text,answer\n" + "".join(f"r{i},comment {i},{i % 2}\n" for i in range(30)))
+    mapping = ColumnMapping(input="text", response="answer", request_id="id", constants=MODEL_AND_PROMPT)
+    store = LocalStore(tmp_path / "store")
+
+    first = import_table(store, path, mapping, default_day="2024-01-15", max_records_per_object=10)
+    corrected = import_table(store, path, mapping, default_day="2024-01-16", max_records_per_object=10)
+
+    assert first.objects_removed == ()
+    assert corrected.objects_removed == first.object_keys
+    days_of: dict[str, set[str]] = {}
+    for info in store.list(f"{LOG_PREFIX}/"):
+        for record in read_records(store, [info.key]):
+            days_of.setdefault(record["request_id"], set()).add(info.key.split("/")[1])
+    assert days_of == {f"r{i}": {"dt=2024-01-16"} for i in range(30)}
+    # Another table's objects on the first day are left alone.
+    other = tmp_path / "other.csv"
+    other.write_text("id,text,answer\nx1,hello,0\n")
+    kept = import_table(store, other, mapping, default_day="2024-01-15")
+    import_table(store, path, mapping, default_day="2024-01-17")
+    assert {info.key for info in store.list(f"{LOG_PREFIX}/dt=2024-01-15/")} == set(kept.object_keys)
+
+
+@pytest.mark.parametrize(
+    ("columns", "constants", "message"),
+    [
+        (["inptu=text", "response=answer"], [], "no log field 'inptu'; did you mean 'input'?"),
+        (["input", "response=answer"], [], "--map 'input' is not FIELD=COLUMN"),
+        (["input=text"], [], "no column for response: add --map response=<column>"),
+        (["input=a", "input=b", "response=c"], [], "--map gives 'input' twice"),
+        (["input=a", "response=c"], ["modle=x"], "no log field 'modle'; did you mean 'model'?"),
+        (["input=a", "response=c"], ["params=[1]"], "--constant params=... must be a JSON object"),
+    ],
+)
+def test_command_line_mappings_are_checked(columns: list[str], constants: list[str], message: str) -> None:
+    with pytest.raises(ImportMappingError, match=re.escape(message)):
+        mapping_from_options(columns, constants)
+
+
+def test_command_line_mapping_with_constants() -> None:
+    mapping = mapping_from_options(["input=text", "response=answer"], ["model=m", 'params={"temperature": 0}'])
+    assert (mapping.input, mapping.response) == ("text", "answer")
+    assert mapping.constants == {"model": "m", "params": {"temperature": 0}}
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        (
+            "bad.csv",
+            "text,answer\na,0,extra\n",
+            "is not a readable csv file: CSV parse error: Expected 2 columns, got 3",
+        ),
+        ("bad.jsonl", '{"text": "a"\n', "is not a readable jsonl file: JSON parse error"),
+        ("bad.parquet", "not parquet", "is not a readable parquet file"),
+    ],
+)
+def test_a_source_that_does_not_parse_is_a_source_table_error(
+    tmp_path: Path, name: str, content: str, message: str
+) -> None:
+    path = tmp_path / name
+    path.write_text(content)
+    mapping = ColumnMapping(input="text", response="answer", constants=MODEL_AND_PROMPT)
+    with pytest.raises(SourceTableError, match=re.escape(message)):
+        import_table(LocalStore(tmp_path / "store"), path, mapping, default_day="2024-01-01")
+
+
+def test_a_day_that_is_not_a_date_is_a_mapping_error(tmp_path: Path) -> None:
+    path = tmp_path / "t.csv"
+    path.write_text("comment,answer\nhello,0\n")
+    mapping = ColumnMapping(input="comment", response="answer", constants=MODEL_AND_PROMPT)
+    with pytest.raises(ImportMappingError, match=r"the day '2024-13-01' is not a date: write it as YYYY-MM-DD"):
+        import_table(LocalStore(tmp_path / "store"), path, mapping, default_day="2024-13-01")

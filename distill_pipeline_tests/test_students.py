@@ -443,6 +443,25 @@ def test_the_predict_command_labels_a_table_with_an_adapter_from_the_store_or_a_
     assert missing.returncode == 2 and "no champion" in missing.stderr
 
 
+@needs_training_stack
+def test_the_predict_command_refuses_to_write_over_its_input(trained: dict, tmp_path: Path) -> None:
+    store = trained["store"]
+    prefix = json.loads(store.get_bytes(adapter_pointer(SIZE)))["prefix"]
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"input": "you are a complete idiot"}\n{"input": "thanks, lovely"}\n')
+    before = source.read_bytes()
+    (tmp_path / "alias.jsonl").symlink_to(source)
+    (tmp_path / "sub").mkdir()
+    executable = str(shutil.which("distill-pipeline"))
+    for output in (str(source), str(tmp_path / "alias.jsonl"), f"{tmp_path}/sub/../in.jsonl"):
+        argv = ["predict", "--adapter", prefix, "--input", str(source), "--output", output]
+        completed = subprocess.run(
+            [executable, "--store", store.url, *argv], capture_output=True, text=True, timeout=120
+        )
+        assert completed.returncode == 2 and "is the input table" in completed.stderr, completed.stderr
+        assert source.read_bytes() == before
+
+
 def test_gold_labels_score_every_model_and_the_teacher_on_the_rows_they_cover() -> None:
     import numpy as np
 

@@ -628,3 +628,70 @@ def test_under_dagster_pipes_the_trainer_reports_a_materialization(
     assert materialization["asset_key"] == "student_adapter"
     assert materialization["metadata"]["steps"]["raw_value"] == 12.0
     assert materialization["metadata"]["adapter_dir"]["type"] == "path"
+
+
+# ---- weights load from safetensors only
+
+
+@pytest.fixture(scope="module")
+def decoder_adapter(
+    tiny_llama: Path, decoder_data: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Path:
+    run = tmp_path_factory.mktemp("decoder-adapter") / "run"
+    train(decoder_spec(tiny_llama, decoder_data, run, epochs=1, eval_every_steps=None), log=quiet)
+    return run / "adapter"
+
+
+def copy_folder(source: Path, target: Path) -> Path:
+    import shutil
+
+    shutil.copytree(source, target)
+    return target
+
+
+def test_an_adapter_with_pickled_weights_only_is_refused(decoder_adapter: Path, tmp_path: Path) -> None:
+    adapter = copy_folder(decoder_adapter, tmp_path / "adapter")
+    load_student(adapter, log=quiet)  # the copy loads as it is
+    # PEFT falls back to adapter_model.bin when the safetensors file is absent; the student does not.
+    torch.save(load_file(adapter / "adapter_model.safetensors"), adapter / "adapter_model.bin")
+    (adapter / "adapter_model.safetensors").unlink()
+    with pytest.raises(trainer_model.WeightsError, match=r"has no adapter_model\.safetensors: .* never from a pickled"):
+        load_student(adapter, log=quiet)
+
+
+def test_corrupt_adapter_safetensors_are_a_weights_error(decoder_adapter: Path, tmp_path: Path) -> None:
+    adapter = copy_folder(decoder_adapter, tmp_path / "adapter")
+    weights = adapter / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-64])  # truncated
+    with pytest.raises(trainer_model.WeightsError, match=r"adapter_model\.safetensors is not readable safetensors"):
+        load_student(adapter, log=quiet)
+
+
+def test_a_base_model_folder_with_pickle_weights_is_refused(
+    tiny_llama: Path, decoder_adapter: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    base = copy_folder(tiny_llama, tmp_path / "pickled-base")
+    torch.save(load_file(base / "model.safetensors"), base / "pytorch_model.bin")
+    (base / "model.safetensors").unlink()
+    adapter = copy_folder(decoder_adapter, tmp_path / "adapter")
+    meta = json.loads((adapter / "student.json").read_text())
+    (adapter / "student.json").write_text(json.dumps(meta | {"base_model": str(base)}))
+    with pytest.raises(
+        trainer_model.WeightsError, match=r"holds no \*\.safetensors weights \(it has pytorch_model\.bin"
+    ):
+        load_student(adapter, log=quiet)
+
+    # A hub id is loaded with use_safetensors=True: transformers then never falls back to pickle.
+    from transformers import AutoModelForCausalLM
+
+    asked: dict = {}
+
+    def from_pretrained(name, **kwargs):
+        asked.update(kwargs, name=name)
+        raise OSError("offline")
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    runtime = trainer_model.choose_runtime("cpu", quiet)
+    with pytest.raises(OSError, match="offline"):
+        trainer_model.load_base_model("decoder", "some-org/some-model", None, runtime)
+    assert asked["name"] == "some-org/some-model" and asked["use_safetensors"] is True

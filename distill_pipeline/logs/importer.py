@@ -2,9 +2,13 @@
 
 A :class:`ColumnMapping` says which source column fills which log field, with constants for
 fields the table lacks. The import is idempotent: request ids are taken from a column or derived
-from a hash of the row, and the object names depend only on the table's bytes, so importing the
-same table twice overwrites the same objects with the same bytes. Every row read is either
-written or counted as skipped under a named reason.
+from a hash of the row, and the object names depend only on the table's name and bytes, so
+importing the same table twice overwrites the same objects with the same bytes, and a re-import
+that puts its rows on other days (a corrected ``default_day``) removes the earlier import's
+objects from the days it no longer writes. Every row read is either written or counted as
+skipped under a named reason. Columns are checked, not coerced: a mapped column of the wrong type
+(a boolean answer, a list, a number that is not finite) refuses the import, naming the column and
+its first bad row.
 
 DuckDB does the row work (casts, hashes, JSON encoding) so a million rows take seconds.
 """
@@ -12,7 +16,9 @@ DuckDB does the row work (casts, hashes, JSON encoding) so a million rows take s
 from __future__ import annotations
 
 import datetime as dt
+import difflib
 import json
+import math
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -27,9 +33,11 @@ import pyarrow.csv as pa_csv
 import pyarrow.json as pa_json
 import pyarrow.parquet as pq
 
+from distill_pipeline.core.errors import UsageError
 from distill_pipeline.core.store import ObjectStore, file_sha256
 from distill_pipeline.core.task import Task
 from distill_pipeline.logs.schema import (
+    LOG_PREFIX,
     MAX_REQUEST_ID_CHARS,
     SCHEMA_FIELDS,
     SCHEMA_VERSION,
@@ -65,15 +73,23 @@ _STRING_FIELDS = (
     "response",
     "error",
 )
+#: Text fields that also take an integer column: ids and versions are often numbers in exports.
+_ID_FIELDS = frozenset({"request_id", "user_id", "tenant_id", "prompt_template_version"})
 _NUMBER_FIELDS = ("latency_ms", "cost_usd")
-_CONSTANT_FIELDS = frozenset(_STRING_FIELDS + _NUMBER_FIELDS + ("timestamp", "params", "usage", "feedback")) - {
+_OBJECT_FIELDS = ("params", "usage", "feedback")
+_CONSTANT_FIELDS = frozenset(_STRING_FIELDS + _NUMBER_FIELDS + ("timestamp",) + _OBJECT_FIELDS) - {
     "request_id",
     "input",
 }
 
 
-class ImportMappingError(ValueError):
-    """The mapping does not fit the source table (a missing column, a field with no source)."""
+class ImportMappingError(UsageError):
+    """The mapping does not fit the source table (a missing column, a field with no source, a
+    column of the wrong type)."""
+
+
+class SourceTableError(UsageError):
+    """The source file cannot be read as a table: an unknown extension, or bytes that do not parse."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +136,59 @@ class ColumnMapping:
         return list(dict.fromkeys(name for name in names if name))
 
 
+#: The log fields a source column can fill directly (``FIELD=COLUMN`` on the command line).
+MAPPABLE_FIELDS = (
+    "input",
+    "response",
+    "timestamp",
+    *(f for f in _STRING_FIELDS if f not in ("input", "response")),
+    *_NUMBER_FIELDS,
+)
+
+
+def mapping_from_options(columns: Sequence[str], constants: Sequence[str]) -> ColumnMapping:
+    """A mapping from ``FIELD=COLUMN`` and ``FIELD=VALUE`` pairs, as the command line takes them.
+
+    A constant for ``params``, ``usage`` or ``feedback`` is a JSON object. Every mistake (no
+    ``=``, a field that does not exist, a field given twice) is refused with the fix.
+    """
+    fields = _pairs(columns, "--map", "FIELD=COLUMN", MAPPABLE_FIELDS)
+    values: dict[str, Any] = _pairs(constants, "--constant", "FIELD=VALUE", sorted(_CONSTANT_FIELDS))
+    missing = [name for name in ("input", "response") if name not in fields]
+    if missing:
+        raise ImportMappingError(
+            f"no column for {' and '.join(missing)}: add --map {missing[0]}=<column> (or use --preset jigsaw)"
+        )
+    for name in _OBJECT_FIELDS:
+        if name in values:
+            try:
+                values[name] = json.loads(values[name])
+            except json.JSONDecodeError:
+                values[name] = None
+            if not isinstance(values[name], dict):
+                raise ImportMappingError(f"--constant {name}=... must be a JSON object, e.g. {name}='{{\"key\": 1}}'")
+    return ColumnMapping(**fields, constants=values)
+
+
+def _pairs(items: Sequence[str], option: str, form: str, allowed: Sequence[str]) -> dict[str, str]:
+    pairs: dict[str, str] = {}
+    for item in items:
+        name, equals, value = item.partition("=")
+        name = name.strip()
+        if not equals or not name:
+            raise ImportMappingError(f"{option} {item!r} is not {form}: write e.g. {option} input=comment_text")
+        if name not in allowed:
+            close = difflib.get_close_matches(name, allowed, n=1)
+            hint = f"did you mean {close[0]!r}? " if close else ""
+            raise ImportMappingError(
+                f"{option} {item!r}: no log field {name!r}; {hint}the fields are {', '.join(allowed)}"
+            )
+        if name in pairs:
+            raise ImportMappingError(f"{option} gives {name!r} twice ({pairs[name]!r} and {value!r}): keep one")
+        pairs[name] = value
+    return pairs
+
+
 def jigsaw_mapping() -> ColumnMapping:
     """The mapping for the shared ``jigsaw/teacher_responses.parquet`` (real GPT-4/3.5 answers).
 
@@ -154,6 +223,8 @@ class ImportSummary:
     skipped: dict[str, int]
     # Up to five 0-based source row numbers per skip reason, to find the rows again.
     skipped_examples: dict[str, list[int]]
+    # Objects an earlier import of the same table had written on days this one does not write.
+    objects_removed: tuple[str, ...] = ()
 
     @property
     def rows_skipped(self) -> int:
@@ -171,7 +242,10 @@ def detect_format(path: str | Path, source_format: str | None = None) -> str:
         return source_format
     suffix = Path(path).suffix.lower()
     if suffix not in SOURCE_FORMATS:
-        raise ValueError(f"cannot tell the format of {str(path)!r} from its extension; pass source_format")
+        raise SourceTableError(
+            f"cannot tell the format of {str(path)!r} from its extension {suffix or '(none)'!r}: "
+            f"rename it to end in one of {', '.join(sorted(SOURCE_FORMATS))}"
+        )
     return SOURCE_FORMATS[suffix]
 
 
@@ -183,20 +257,25 @@ def read_source_table(path: str | Path, source_format: str | None = None) -> pa.
     happens in SQL. JSON means JSON lines, one object per line.
     """
     kind = detect_format(path, source_format)
-    if kind == "parquet":
-        return pq.read_table(path)
-    if kind == "jsonl":
-        return pa_json.read_json(path)
-    with pa_csv.open_csv(path) as reader:
-        names = reader.schema.names
-    return pa_csv.read_csv(
-        path,
-        # Quoted cells may hold newlines (teacher answers do).
-        parse_options=pa_csv.ParseOptions(newlines_in_values=True),
-        convert_options=pa_csv.ConvertOptions(
-            column_types=dict.fromkeys(names, pa.string()), null_values=[""], strings_can_be_null=True
-        ),
-    )
+    try:
+        if kind == "parquet":
+            return pq.read_table(path)
+        if kind == "jsonl":
+            return pa_json.read_json(path)
+        with pa_csv.open_csv(path) as reader:
+            names = reader.schema.names
+        return pa_csv.read_csv(
+            path,
+            # Quoted cells may hold newlines (teacher answers do).
+            parse_options=pa_csv.ParseOptions(newlines_in_values=True),
+            convert_options=pa_csv.ConvertOptions(
+                column_types=dict.fromkeys(names, pa.string()), null_values=[""], strings_can_be_null=True
+            ),
+        )
+    except pa.ArrowInvalid as exc:
+        # Arrow says what it could not parse (and where); the whole message, on one line, is the diagnosis.
+        problem = " ".join(str(exc).split())[:300]
+        raise SourceTableError(f"{str(path)!r} is not a readable {kind} file: {problem}; fix or re-export it") from exc
 
 
 def import_table(
@@ -214,14 +293,16 @@ def import_table(
 
     ``task`` fills the ``task`` field and each row's ``prompt_template_version`` (from the
     task's prompt of that id) where the mapping does not. ``source_name`` (default: the file
-    name) goes into row-hash request ids. Parts of an earlier import of the same table that this
-    import no longer writes (e.g. after a change of ``max_records_per_object``) are deleted.
+    name) goes into row-hash request ids. Objects of an earlier import of the same table that
+    this import no longer writes (after a change of ``default_day`` or of
+    ``max_records_per_object``) are deleted, on every day, and listed in the summary.
     """
     if max_records_per_object < 1:
         raise ValueError("max_records_per_object must be positive")
     path = Path(source)
     table = read_source_table(path, source_format)
     _check_mapping(mapping, table.schema, default_day)
+    _check_column_types(mapping, table)
     source_sha = file_sha256(path)
     name = source_name or path.name
     object_stem = f"import-{re.sub(r'[^A-Za-z0-9._-]+', '_', path.stem)}-{source_sha[:8]}"
@@ -231,6 +312,7 @@ def import_table(
     try:
         con.execute("SET TimeZone = 'UTC'")
         con.register("source_rows", table.append_column(_ROW, pa.array(range(table.num_rows), pa.int64())))
+        _check_numbers(con, mapping)
         # Pass 1, narrow: each row's request id, timestamp, day and skip reason.
         keys = con.sql(plan.keys_sql()).to_arrow_table()
         skipped, examples = {}, {}
@@ -263,6 +345,8 @@ def import_table(
         keys_written += publish_day_objects(store, day, object_stem, object_payloads(lines.slice(start, count), sizes))
         rows_per_day[day] = count
         start += count
+    # Only once the new objects are all written: a crash in between leaves rows twice, never none.
+    removed = remove_earlier_import_objects(store, object_stem, set(keys_written))
 
     return ImportSummary(
         source=str(path),
@@ -273,7 +357,24 @@ def import_table(
         rows_per_day=rows_per_day,
         skipped=skipped,
         skipped_examples=examples,
+        objects_removed=tuple(removed),
     )
+
+
+def remove_earlier_import_objects(store: ObjectStore, name_stem: str, written: set[str]) -> list[str]:
+    """Delete the objects ``<name_stem>-<part>`` of every day that are not in ``written``.
+
+    ``name_stem`` names one table (its file name and hash), so these are what an earlier import
+    of the same table wrote on days (or in parts) this one did not: left in place, each of their
+    request ids would be on two days. Lists every log object once; imports are rare.
+    """
+    pattern = re.compile(rf"{re.escape(LOG_PREFIX)}/dt=[^/]+/{re.escape(name_stem)}-\d{{5}}\.jsonl")
+    stale = [
+        info.key for info in store.list(f"{LOG_PREFIX}/") if pattern.fullmatch(info.key) and info.key not in written
+    ]
+    for key in stale:
+        store.delete(key)
+    return stale
 
 
 def publish_day_objects(store: ObjectStore, day: str, name_stem: str, payloads: list[bytes]) -> list[str]:
@@ -385,11 +486,85 @@ def _check_mapping(mapping: ColumnMapping, schema: pa.Schema, default_day: str |
                 "use a timestamp, a date or ISO-8601 text"
             )
     elif "timestamp" in mapping.constants:
-        day_of(str(mapping.constants["timestamp"]))
+        try:
+            day_of(str(mapping.constants["timestamp"]))
+        except ValueError:
+            raise ImportMappingError(
+                f"the timestamp constant {mapping.constants['timestamp']!r} is not an ISO 8601 time, "
+                "e.g. 2024-01-15T00:00:00Z"
+            ) from None
     elif default_day is None:
-        raise ImportMappingError("the mapping has no timestamp column or constant; pass default_day")
+        raise ImportMappingError("the mapping has no timestamp column or constant; pass default_day (--day)")
     else:
-        dt.date.fromisoformat(default_day)
+        try:
+            dt.date.fromisoformat(default_day)
+        except ValueError:
+            raise ImportMappingError(f"the day {default_day!r} is not a date: write it as YYYY-MM-DD") from None
+    for name in _NUMBER_FIELDS:
+        constant = mapping.constants.get(name)
+        if constant is not None and not _is_finite_number(constant):
+            raise ImportMappingError(f"the {name} constant {constant!r} is not a finite number")
+
+
+def _is_finite_number(value: Any) -> bool:
+    try:
+        return not isinstance(value, bool) and math.isfinite(float(value))
+    except (TypeError, ValueError):
+        return False
+
+
+def _is_text(column_type: pa.DataType) -> bool:
+    if pa.types.is_dictionary(column_type):
+        return _is_text(column_type.value_type)
+    return pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+
+
+def _is_number(column_type: pa.DataType) -> bool:
+    return pa.types.is_integer(column_type) or pa.types.is_floating(column_type) or pa.types.is_decimal(column_type)
+
+
+def _check_column_types(mapping: ColumnMapping, table: pa.Table) -> None:
+    """Refuse a mapped column whose type is not its field's: a boolean or a list cast to text
+    would read as ``"true"`` or ``"[1]"``, and a parser would find a label in either."""
+    for name in (*_STRING_FIELDS, *_NUMBER_FIELDS):
+        column = mapping.column_for(name)
+        if column is None:
+            continue
+        column_type = table.schema.field(column).type
+        if name in _NUMBER_FIELDS:
+            # A text column (every CSV column) is checked value by value: see _check_numbers.
+            fits, wanted = _is_number(column_type) or _is_text(column_type), "numbers"
+        else:
+            fits = _is_text(column_type) or (name in _ID_FIELDS and pa.types.is_integer(column_type))
+            wanted = "text or integers" if name in _ID_FIELDS else "text"
+        valid = pc.is_valid(table.column(column))
+        if not fits and pc.any(valid).as_py():
+            row = pc.index(valid, True).as_py()
+            first = table.column(column)[row].as_py()
+            raise _bad_column(column, name, f"{column_type} values (the first at row {row}: {first!r:.60})", wanted)
+
+
+def _check_numbers(con: duckdb.DuckDBPyConnection, mapping: ColumnMapping) -> None:
+    """Refuse a number column holding text that is not a number, or an infinity; NaN is how
+    pandas writes a missing number, so it stays a missing value."""
+    for name in _NUMBER_FIELDS:
+        column = mapping.column_for(name)
+        if column is None:
+            continue
+        number = f"TRY_CAST({_quote(column)} AS DOUBLE)"
+        bad = con.execute(
+            f"SELECT {_ROW}, {_quote(column)} FROM source_rows WHERE {_quote(column)} IS NOT NULL "
+            f"AND NOT coalesce(isfinite({number}) OR isnan({number}), false) ORDER BY {_ROW} LIMIT 1"
+        ).fetchone()
+        if bad is not None:
+            raise _bad_column(column, name, f"{bad[1]!r:.60} at row {bad[0]}", "finite numbers")
+
+
+def _bad_column(column: str, log_field: str, found: str, wanted: str) -> ImportMappingError:
+    return ImportMappingError(
+        f"column {column!r} (mapped to {log_field}) holds {found}, but {log_field} takes {wanted}: "
+        "convert the column or map another one"
+    )
 
 
 @dataclass(frozen=True)

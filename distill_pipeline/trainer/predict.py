@@ -26,6 +26,8 @@ from distill_pipeline.trainer.data import DecoderCodec, EncoderCodec, Example, L
 from distill_pipeline.trainer.model import (
     Log,
     Runtime,
+    WeightsError,
+    check_safetensors,
     choose_runtime,
     label_log_scores,
     load_base_model,
@@ -36,6 +38,8 @@ from distill_pipeline.trainer.model import (
 
 # Beside adapter_config.json: what the adapter alone does not say (PEFT, vLLM and LoRAX ignore it).
 STUDENT_FILE = "student.json"
+# The only adapter weights loaded: PEFT would fall back to a pickled adapter_model.bin without it.
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def make_codec(
@@ -115,11 +119,20 @@ def load_student(
     """A student from an ``adapter/`` folder written by the trainer, ready to predict.
 
     ``base_model`` overrides the base recorded at training time (e.g. the hub id where the
-    trainer used a local copy).
+    trainer used a local copy). The adapter's weights must be ``adapter_model.safetensors`` and
+    the base's safetensors too; anything else is a :class:`WeightsError`, raised before loading.
     """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
+    for name in ("adapter_config.json", STUDENT_FILE, ADAPTER_WEIGHTS):
+        if not (adapter_dir / name).is_file():
+            why = " (weights load from safetensors only, never from a pickled adapter_model.bin)"
+            raise WeightsError(
+                f"the adapter folder {adapter_dir} has no {name}: it is not an adapter the trainer wrote"
+                + (why if name == ADAPTER_WEIGHTS else "")
+            )
+    check_safetensors(adapter_dir / ADAPTER_WEIGHTS)
     meta = json.loads((adapter_dir / STUDENT_FILE).read_text())
     labels = LabelSet(list(meta["label_values"]), list(meta["label_names"]))
     runtime = choose_runtime(device, log)
