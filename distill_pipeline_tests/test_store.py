@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -17,7 +18,9 @@ from distill_pipeline.core.store import (
     LocalStore,
     ObjectNotFound,
     ObjectStore,
+    ObjectTooLarge,
     S3Store,
+    UnsafeKey,
     file_sha256,
     make_s3_client,
     open_store,
@@ -166,6 +169,103 @@ def test_local_store_stays_under_its_root(tmp_path: Path) -> None:
     with pytest.raises(ValueError):
         store.list("../")
     assert store.list("") == []
+
+
+def test_get_bytes_refuses_an_object_over_its_size_cap(any_store: ObjectStore) -> None:
+    any_store.put_bytes("big", BINARY)
+    assert any_store.get_bytes("big", max_bytes=len(BINARY)) == BINARY
+    with pytest.raises(ObjectTooLarge, match=f"more than {len(BINARY) - 1} bytes"):
+        any_store.get_bytes("big", max_bytes=len(BINARY) - 1)
+    any_store.put_bytes("empty", b"")
+    assert any_store.get_bytes("empty", max_bytes=0) == b""
+
+
+# --- symlinks in the local store: followed only while they stay under the root -----------------
+
+
+@pytest.fixture
+def outside(tmp_path: Path) -> Path:
+    """A folder beside the local store's root, holding a file the store must never show."""
+    folder = tmp_path / "outside"
+    folder.mkdir()
+    (folder / "secret.jsonl").write_text("TOP SECRET\n")
+    return folder
+
+
+def test_local_store_refuses_a_symlinked_object_that_leads_outside(
+    local_store: LocalStore, outside: Path, tmp_path: Path
+) -> None:
+    local_store.put_bytes("logs/ok.jsonl", b"fine")
+    (local_store.root / "logs" / "leak.jsonl").symlink_to(outside / "secret.jsonl")
+    for call in (
+        lambda: local_store.get_bytes("logs/leak.jsonl"),
+        lambda: local_store.get_file("logs/leak.jsonl", tmp_path / "copy"),
+        lambda: local_store.exists("logs/leak.jsonl"),
+    ):
+        with pytest.raises(UnsafeKey, match="outside the store root"):
+            call()
+    assert not (tmp_path / "copy").exists()
+    assert [info.key for info in local_store.list("")] == ["logs/ok.jsonl"]
+    assert [info.key for info in local_store.list("logs/leak")] == []
+
+
+def test_local_store_list_does_not_descend_into_symlinked_folders(local_store: LocalStore, outside: Path) -> None:
+    local_store.put_bytes("logs/dt=2026-03-04/a.jsonl", b"a")
+    (local_store.root / "logs" / "dt=2026-03-05").symlink_to(outside, target_is_directory=True)
+    (local_store.root / "elsewhere").symlink_to(outside, target_is_directory=True)
+    # Even a symlinked folder that stays inside is not walked: os.walk never follows one, and
+    # following one could list a subtree twice or loop.
+    (local_store.root / "logs" / "again").symlink_to(local_store.root / "logs", target_is_directory=True)
+    assert [info.key for info in local_store.list("")] == ["logs/dt=2026-03-04/a.jsonl"]
+    assert local_store.list("logs/dt=2026-03-05/") == []
+    assert local_store.list("elsewhere/") == []
+    with pytest.raises(UnsafeKey):
+        local_store.get_bytes("elsewhere/secret.jsonl")
+
+
+def test_local_store_list_skips_dangling_links_and_files_that_are_not_regular(local_store: LocalStore) -> None:
+    local_store.put_bytes("logs/a.jsonl", b"a")
+    (local_store.root / "logs" / "dangling.jsonl").symlink_to(local_store.root / "logs" / "gone.jsonl")
+    (local_store.root / "logs" / "loop.jsonl").symlink_to(local_store.root / "logs" / "loop.jsonl")
+    # A FIFO would block the reader that opens it for ever.
+    os.mkfifo(local_store.root / "logs" / "fifo.jsonl")
+    assert [info.key for info in local_store.list("logs/")] == ["logs/a.jsonl"]
+
+
+def test_local_store_refuses_writes_into_a_symlinked_folder_that_leads_outside(
+    local_store: LocalStore, outside: Path, tmp_path: Path
+) -> None:
+    (local_store.root / "tables").symlink_to(outside, target_is_directory=True)
+    source = tmp_path / "source.bin"
+    source.write_bytes(b"data")
+    for call in (
+        lambda: local_store.put_bytes("tables/raw_logs/dt=2026-03-04/records.parquet", b"data"),
+        lambda: local_store.put_file("tables/raw_logs/dt=2026-03-04/records.parquet", source),
+        lambda: local_store.put_bytes("tables/secret.jsonl", b"overwritten"),
+        lambda: local_store.delete("tables/secret.jsonl"),
+    ):
+        with pytest.raises(UnsafeKey, match="outside the store root through a symlink"):
+            call()
+    assert sorted(path.name for path in outside.iterdir()) == ["secret.jsonl"]
+    assert (outside / "secret.jsonl").read_text() == "TOP SECRET\n"
+
+
+def test_local_store_follows_symlinks_that_stay_under_its_root(local_store: LocalStore) -> None:
+    local_store.put_bytes("real/obj", b"inside")
+    (local_store.root / "alias").symlink_to(local_store.root / "real", target_is_directory=True)
+    (local_store.root / "real" / "link").symlink_to(local_store.root / "real" / "obj")
+    assert local_store.get_bytes("alias/obj") == b"inside"
+    assert local_store.get_bytes("real/link") == b"inside"
+    local_store.put_bytes("alias/new", b"written through")
+    assert local_store.get_bytes("real/new") == b"written through"
+    assert [(info.key, info.size) for info in local_store.list("real/")] == [
+        ("real/link", 6),
+        ("real/new", 15),
+        ("real/obj", 6),
+    ]
+    # Deleting a symlinked key removes the link, not the object it names.
+    local_store.delete("real/link")
+    assert local_store.get_bytes("real/obj") == b"inside"
 
 
 def test_local_store_hides_its_temp_files(local_store: LocalStore) -> None:

@@ -5,6 +5,12 @@ local default, ``s3://bucket/prefix`` for S3 and S3-compatible servers (MinIO, .
 endpoint comes from ``endpoint_url`` or ``AWS_ENDPOINT_URL``. Keys are ``/``-separated and
 relative to the store's root, so a layout is the same on both.
 
+A store's contents may be hostile (anyone who can write to the bucket or the folder can put
+anything there), so a key that cannot be used safely raises :class:`UnsafeKey` rather than
+reaching outside the store: a malformed key (a bucket may hold ``logs/../../x`` and list it), and,
+in the local store, a key whose real path leaves the root through a symlink. Readers that take
+whole objects into memory cap them with ``get_bytes(key, max_bytes=...)``.
+
 Writes are atomic per object: the local store writes a temporary file and renames it; S3 puts
 are atomic by nature. Multi-object outputs are published by writing their manifest last.
 :func:`atomic_file` is the package's one atomic local write and :func:`file_sha256` its one file
@@ -21,6 +27,7 @@ import contextlib
 import hashlib
 import os
 import shutil
+import stat
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -43,6 +50,22 @@ class ObjectNotFound(KeyError):
     """The key does not exist in the store."""
 
 
+class UnsafeKey(ValueError):
+    """A key the store will not use: ``why`` says what is wrong with it."""
+
+    def __init__(self, key: str, why: str) -> None:
+        super().__init__(f"{why}: {key!r}")
+        self.key, self.why = key, why
+
+
+class ObjectTooLarge(Exception):
+    """An object holds more bytes than its reader accepts."""
+
+    def __init__(self, key: str, max_bytes: int) -> None:
+        super().__init__(f"object {key!r} holds more than {max_bytes} bytes")
+        self.key, self.max_bytes = key, max_bytes
+
+
 @dataclass(frozen=True)
 class ObjectInfo:
     key: str
@@ -62,7 +85,9 @@ class ObjectStore(Protocol):
 
     def put_bytes(self, key: str, data: bytes) -> None: ...
 
-    def get_bytes(self, key: str) -> bytes: ...
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
+        """The object's bytes; :class:`ObjectTooLarge` without reading them when it holds more than ``max_bytes``."""
+        ...
 
     def exists(self, key: str) -> bool: ...
 
@@ -79,14 +104,14 @@ def _check_key(key: str) -> str:
     # An empty part also rules out "", "/abs" and "dir/": on S3 "dir/" is a key of its own,
     # in a directory it would alias "dir".
     if any(part in ("", ".", "..") for part in key.split("/")):
-        raise ValueError(f"invalid store key {key!r}")
+        raise UnsafeKey(key, "invalid store key")
     return key
 
 
 def _check_prefix(prefix: str) -> str:
     """A list prefix: like a key, except that it may be empty or end in "/" or mid-name."""
     if any(part in ("", ".", "..") for part in prefix.split("/")[:-1]):
-        raise ValueError(f"invalid store prefix {prefix!r}")
+        raise UnsafeKey(prefix, "invalid store prefix")
     return prefix
 
 
@@ -116,7 +141,14 @@ def file_sha256(path: str | Path) -> str:
 
 
 class LocalStore:
-    """A directory on the local file system."""
+    """A directory on the local file system.
+
+    A symlink in the directory is followed only while it stays under the root: a key whose real
+    path leads outside is refused for reading and writing alike (a symlinked folder of tables
+    would otherwise take the pipeline's writes elsewhere, a symlinked log object another file's
+    bytes into a quarantine excerpt), and a listing never offers one. This guards against links
+    already in the store, not against someone swapping links in while the store works.
+    """
 
     def __init__(self, root: str | Path) -> None:
         self.root = Path(root).expanduser().resolve()
@@ -127,7 +159,30 @@ class LocalStore:
         return self.root.as_uri()
 
     def _path(self, key: str) -> Path:
-        return self.root / _check_key(key)
+        # The path as written, not the real one: deleting or replacing a symlinked key acts on
+        # the link, never on the object it names.
+        path = self.root / _check_key(key)
+        if not self._is_inside(path):
+            raise UnsafeKey(key, "store key leads outside the store root through a symlink")
+        return path
+
+    def _is_inside(self, path: Path) -> bool:
+        """Whether ``path``, every symlink on its way followed, stays under the root."""
+        return Path(os.path.realpath(path)).is_relative_to(self.root)
+
+    def _object_stat(self, path: Path) -> os.stat_result | None:
+        """The stat of the object at ``path`` when it is a regular file under the root (a symlink
+        to one counts); None for anything else: a dangling or looping link, a link leading
+        outside, a FIFO that would block its reader."""
+        try:
+            info = path.lstat()
+            if stat.S_ISLNK(info.st_mode):
+                if not self._is_inside(path):
+                    return None
+                info = path.stat()
+        except OSError:
+            return None
+        return info if stat.S_ISREG(info.st_mode) else None
 
     def put_bytes(self, key: str, data: bytes) -> None:
         with atomic_file(self._path(key)) as handle:
@@ -138,11 +193,20 @@ class LocalStore:
         with open(path, "rb") as source, atomic_file(target) as handle:
             shutil.copyfileobj(source, handle, 1 << 22)
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         try:
-            return self._path(key).read_bytes()
+            with open(self._path(key), "rb") as handle:
+                if max_bytes is None:
+                    return handle.read()
+                if os.fstat(handle.fileno()).st_size > max_bytes:
+                    raise ObjectTooLarge(key, max_bytes)
+                # Read one byte past the cap: a file may grow after its size was taken.
+                data = handle.read(max_bytes + 1)
         except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
             raise ObjectNotFound(key) from None
+        if len(data) > max_bytes:
+            raise ObjectTooLarge(key, max_bytes)
+        return data
 
     def get_file(self, key: str, path: Path) -> None:
         source = self._path(key)
@@ -156,9 +220,12 @@ class LocalStore:
 
     def list(self, prefix: str) -> list[ObjectInfo]:
         # A prefix may end inside a file name (``logs/dt=2024``), so walk from its directory.
+        # The walk starts only from a directory that really is under the root, and never
+        # descends into a symlinked one (os.walk's default: following could leave the root,
+        # list a subtree twice, or loop).
         _check_prefix(prefix)
         base = self.root / prefix.rsplit("/", 1)[0] if "/" in prefix else self.root
-        if not base.is_dir():
+        if not base.is_dir() or not self._is_inside(base):
             return []
         found = []
         for dirpath, _dirnames, filenames in os.walk(base):
@@ -167,9 +234,8 @@ class LocalStore:
                     continue
                 full = Path(dirpath) / name
                 key = full.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
-                    stat = full.stat()
-                    found.append(ObjectInfo(key, stat.st_size, f"{stat.st_mtime_ns}-{stat.st_size}", stat.st_mtime))
+                if key.startswith(prefix) and (info := self._object_stat(full)) is not None:
+                    found.append(ObjectInfo(key, info.st_size, f"{info.st_mtime_ns}-{info.st_size}", info.st_mtime))
         return sorted(found, key=lambda info: info.key)
 
     def delete(self, key: str) -> None:
@@ -207,7 +273,7 @@ class S3Store:
     def put_file(self, key: str, path: Path) -> None:
         self.client.upload_file(str(path), self.bucket, self._key(key))
 
-    def get_bytes(self, key: str) -> bytes:
+    def get_bytes(self, key: str, max_bytes: int | None = None) -> bytes:
         from botocore.exceptions import ClientError
 
         try:
@@ -216,7 +282,13 @@ class S3Store:
             if exc.response.get("Error", {}).get("Code") in {"NoSuchKey", "404"}:
                 raise ObjectNotFound(key) from None
             raise
-        return response["Body"].read()
+        body = response["Body"]
+        # botocore's body reads exactly ContentLength bytes (it raises on a short or long body),
+        # so checking the header caps the read.
+        if max_bytes is not None and response["ContentLength"] > max_bytes:
+            body.close()
+            raise ObjectTooLarge(key, max_bytes)
+        return body.read()
 
     def get_file(self, key: str, path: Path) -> None:
         if not self.exists(key):
