@@ -209,26 +209,29 @@ def test_user_cap_keeps_exactly_n_and_is_deterministic(tmp_path):
 def test_pii_scrubbing_rewrites_inputs_and_counts(tmp_path):
     rows = [
         row("email", "mail me at jane.doe+x@example.co.uk please", minute=0),
-        row("phone", "call me on 555-123-4567 tonight", minute=1),
-        row("intl-phone", "or +1 555 123 4567 or (555) 765-4321 at work", minute=2),
+        row("phone", "call me on 415-867-2291 tonight", minute=1),
+        row("intl-phone", "or +44 20 7946 0958 or (212) 736-5000 at work", minute=2),
         row("card", "my card is 4111 1111 1111 1111 oops", minute=3),
-        row("clean", "nothing personal in this one", minute=4),
+        row("iban", "pay DE89 3704 0044 0532 0130 00 from 203.0.113.45", minute=4),
+        row("clean", "nothing personal in this one, order 2024-00815", minute=5),
         # Scrubbed too, although a rule removes it: the removed table must not keep the address.
-        row("dropped", "spam jane@example.com", minute=5),
+        row("dropped", "spam jane@example.com", minute=6),
     ]
     config = CurationConfig(min_chars=1, near_duplicate_threshold=None, scrub_pii=True, drop_patterns={"spam": "^spam"})
     result = run(tmp_path, rows, config)
     texts = {r["request_id"]: r["input"] for r in result.kept}
     assert texts == {
-        "email": "mail me at [EMAIL] please",
-        "phone": "call me on [PHONE] tonight",
-        "intl-phone": "or [PHONE] or [PHONE] at work",
-        "card": "my card is [CARD] oops",
-        "clean": "nothing personal in this one",
+        "email": "mail me at <EMAIL> please",
+        "phone": "call me on <PHONE> tonight",
+        "intl-phone": "or <PHONE> or <PHONE> at work",
+        "card": "my card is <CARD> oops",
+        "iban": "pay <IBAN> from <IP>",
+        "clean": "nothing personal in this one, order 2024-00815",
     }
-    assert result.stats.pii_scrubbed == {"email": 2, "card": 1, "phone": 2}
+    # Items replaced, by kind (a text with two phone numbers counts two).
+    assert result.stats.pii_scrubbed == {"email": 2, "iban": 1, "card": 1, "ip": 1, "phone": 3}
     assert result.removed_by("pattern:spam") == ["dropped"]
-    assert [r["input_excerpt"] for r in result.removed] == ["spam [EMAIL]"]
+    assert [r["input_excerpt"] for r in result.removed] == ["spam <EMAIL>"]
 
     # Scrubbing runs before de-duplication: comments that differ only in their PII are duplicates.
     twins = [row("a", "write to a@b.example now", minute=0), row("b", "write to zz@q.example now", minute=1)]

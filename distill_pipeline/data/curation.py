@@ -7,7 +7,7 @@ add up: ``rows_in == kept + sum(removed_by_rule)``.
 1. ``duplicate_request_id``: the same call logged on two days; the earliest is kept.
 2. ``too_short`` / ``too_long``: input length bounds, in characters.
 3. ``pattern:<name>``: inputs matching a configured regex.
-(PII scrubbing, when enabled, rewrites every input before rule 1; it removes nothing.)
+(PII scrubbing, ``pii.py``, when enabled rewrites every input before rule 1; it removes nothing.)
 4. ``exact_duplicate``: the same normalised text (case, punctuation and spacing folded).
 5. ``near_duplicate``: word-set Jaccard similarity above a threshold with an earlier input,
    found with MinHash and locality-sensitive hashing so that it is not quadratic: an input is
@@ -25,6 +25,7 @@ from pathlib import Path
 from distill_pipeline.core import duck
 from distill_pipeline.core.normalise import jaccard_sql, normalised_text_sql, word_set_sql
 from distill_pipeline.core.task import CurationConfig
+from distill_pipeline.data import pii
 
 # MinHash signature of 32 hashes in 8 bands of 4: a pair at Jaccard 0.8 shares a band with
 # probability 1 - (1 - 0.8**4)**8 = 0.985; candidates are then checked exactly.
@@ -33,15 +34,6 @@ MINHASH_ROWS = 4
 # Inputs with fewer distinct words than this are left to the exact rule: with two or three words,
 # one changed word is a different comment.
 NEAR_DUPLICATE_MIN_WORDS = 4
-
-PII_PATTERNS: dict[str, tuple[str, str]] = {
-    # Order matters: a card number would otherwise be taken for a phone number.
-    "email": (r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}", "[EMAIL]"),
-    "card": (r"\b(?:\d[ -]?){12,18}\d\b", "[CARD]"),
-    # Three or more digit groups (optionally after a country code): "1990-2000" or "120 150" are
-    # not phone numbers, "+44 20 7946 0958" and "(555) 123-4567" are.
-    "phone": (r"(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\b\d{2,4}[ .-])\d{3,4}[ .-]?\d{3,4}\b", "[PHONE]"),
-}
 
 
 @dataclass
@@ -99,7 +91,7 @@ class Curator:
         # Scrubbing comes first so that no table this stage writes, the removed rows' excerpts
         # included, carries the personal data it was asked to remove.
         if config.scrub_pii:
-            self._scrub_pii()
+            self.stats.pii_scrubbed = pii.scrub_table(self.con, "work", {"input": "removed_by IS NULL"})
         self._remove_duplicate_request_ids()
         self._remove("too_short", f"length(trim(input)) < {int(config.min_chars)}", "length(trim(input))::VARCHAR")
         self._remove("too_long", f"length(input) > {int(config.max_chars)}", "length(input)::VARCHAR")
@@ -135,15 +127,6 @@ class Curator:
             )""",
             "'kept the earliest copy'",
         )
-
-    def _scrub_pii(self) -> None:
-        for kind, (pattern, replacement) in PII_PATTERNS.items():
-            quoted = duck.sql_string(pattern)
-            updated = self.con.execute(
-                f"UPDATE work SET input = regexp_replace(input, {quoted}, {duck.sql_string(replacement)}, 'g') "
-                f"WHERE removed_by IS NULL AND regexp_matches(input, {quoted})"
-            ).fetchone()
-            self.stats.pii_scrubbed[kind] = updated[0] if updated else 0
 
     def _remove_exact_duplicates(self) -> None:
         self.con.execute(
