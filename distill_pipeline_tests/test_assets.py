@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -26,6 +27,7 @@ from distill_pipeline.defs.teachers.labelling import teacher_labels
 from distill_pipeline.defs.teachers.resources import TeacherResource
 from distill_pipeline.demo.simulator import simulate_traffic
 from distill_pipeline_tests.conftest import JIGSAW_TEACHER_RESPONSES, requires_shared_jigsaw
+from distill_pipeline_tests.test_ingest import gzip_of_zeros
 
 # Imported through the module: pytest would try to collect an asset named test_sets.
 ASSETS = [teacher_logs, raw_logs, teacher_labels, curated_examples, split_assets.test_sets, split_assets.train_sets]
@@ -234,6 +236,69 @@ def test_the_same_assets_run_on_s3(s3_store: S3Store, small_task: Task, instance
     keys = {o.key for o in s3_store.list("tables/")}
     assert f"tables/teacher_labels/dt={DAYS[0]}/labels.parquet" in keys
     assert f"tables/raw_logs/dt={DAYS[0]}/_manifest.json" in keys
+
+
+def _quarantined_objects(store: ObjectStore, day: str, tmp_path: Path) -> dict[str, str]:
+    """The objects raw_logs quarantined whole (line 0) for ``day``, with their reasons."""
+    local = tmp_path / f"quarantine-{day}.parquet"
+    store.get_file(raw_logs_prefix(day) + "quarantine.parquet", local)
+    query = f"SELECT source_key, reason FROM '{local}' WHERE source_line = 0"
+    return dict(duckdb.connect().sql(query).fetchall())
+
+
+def test_raw_logs_quarantines_hostile_s3_objects_and_ingests_the_rest(
+    s3_store: S3Store, small_task: Task, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    """A key the store refuses and a gzip bomb each cost one quarantined object, not the day."""
+    cap = 2**20
+    folder = small_task.source
+    text = (folder / "task.toml").read_text()
+    (folder / "task.toml").write_text(re.sub(r"(?m)^max_log_object_bytes = .*$", f"max_log_object_bytes = {cap}", text))
+    task = load_task(folder)
+    assert task.checks.max_log_object_bytes == cap
+    simulated = simulate_traffic(s3_store, days=DAYS[:1], records_per_day=400, seed=4, task=task)
+    escape = f"logs/dt={DAYS[0]}/../../escape.jsonl"
+    s3_store.client.put_object(Bucket=s3_store.bucket, Key=f"{s3_store.prefix}/{escape}", Body=b"{}\n")
+    bomb = f"logs/dt={DAYS[0]}/bomb.jsonl.gz"
+    s3_store.put_bytes(bomb, gzip_of_zeros(16 * cap))
+
+    result = _materialize("raw_logs", s3_store, task, instance, DAYS[0])
+
+    assert result.success
+    assert _checks(result) == {"quarantine_rate": True}
+    metadata = _metadata(result, "raw_logs")
+    assert metadata["lines_in"] == simulated.lines_written + 2
+    assert metadata["objects"] == len(simulated.object_keys) + 2
+    assert _quarantined_objects(s3_store, DAYS[0], tmp_path) == {
+        escape: "object not read: invalid store key",
+        bomb: f"object larger than {cap} bytes decompressed",
+    }
+
+
+def test_raw_logs_never_reads_or_writes_outside_a_local_store_through_symlinks(
+    local_store: LocalStore, small_task: Task, instance: dg.DagsterInstance, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.jsonl").write_text("TOP SECRET, not JSON\n")
+    simulate_traffic(local_store, days=DAYS[:1], records_per_day=200, seed=6, task=small_task)
+    (local_store.root / f"logs/dt={DAYS[0]}/leak.jsonl").symlink_to(outside / "secret.jsonl")
+
+    first = _materialize("raw_logs", local_store, small_task, instance, DAYS[0])
+    assert first.success
+    assert f"logs/dt={DAYS[0]}/leak.jsonl" not in read_manifest(local_store, raw_logs_prefix(DAYS[0]))["objects"]
+    assert b"TOP SECRET" not in local_store.get_bytes(raw_logs_prefix(DAYS[0]) + "quarantine.parquet")
+
+    # The tables folder made a symlink to a folder outside: the pipeline refuses to write there.
+    shutil.rmtree(local_store.root / "tables")
+    (outside / "tables").mkdir()
+    (local_store.root / "tables").symlink_to(outside / "tables", target_is_directory=True)
+    second = _materialize("raw_logs", local_store, small_task, instance, DAYS[0], raise_on_error=False)
+    assert not second.success
+    (failure,) = [e for e in second.all_events if e.event_type_value == "STEP_FAILURE"]
+    message = failure.step_failure_data.error.to_string()
+    assert "UnsafeKey: store key leads outside the store root through a symlink" in message
+    assert list((outside / "tables").iterdir()) == []
 
 
 def test_curation_without_labels_fails_with_a_clear_message(

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import gzip
+import io
 import json
+import tracemalloc
 from pathlib import Path
 from typing import Any
 
@@ -61,11 +63,13 @@ def jsonl(*lines: str) -> bytes:
     return ("\n".join(lines) + "\n").encode("utf-8")
 
 
-def ingest(store: ObjectStore, tmp_path: Path, keys: list[str], name: str = "run") -> tuple[IngestStats, list, list]:
+def ingest(
+    store: ObjectStore, tmp_path: Path, keys: list[str], name: str = "run", **settings: int
+) -> tuple[IngestStats, list, list]:
     """Ingest ``keys``; returns the stats, the kept rows and the quarantined rows (as dicts)."""
     records_path = tmp_path / name / "records.parquet"
     quarantine_path = tmp_path / name / "quarantine.parquet"
-    stats = ingest_objects(store, keys, tmp_path / name / "work", records_path, quarantine_path)
+    stats = ingest_objects(store, keys, tmp_path / name / "work", records_path, quarantine_path, **settings)
     kept = pq.read_table(records_path).to_pylist()
     quarantined = pq.read_table(quarantine_path).to_pylist()
     assert stats.lines_in == stats.kept + stats.quarantined
@@ -278,6 +282,107 @@ def test_gzip_objects_are_read_and_corrupt_ones_quarantined_whole(local_store, t
     assert stats.lines_in == 3 + 1 + 1 + 1
 
 
+# --- hostile objects ---------------------------------------------------------------------------
+
+
+def gzip_of_zeros(size: int) -> bytes:
+    """A gzip bomb: ``size`` zero bytes compressed a MiB at a time, about a thousandth of the size."""
+    buffer = io.BytesIO()
+    zeros = bytes(2**20)
+    with gzip.GzipFile(fileobj=buffer, mode="wb", compresslevel=9) as bomb:
+        for _ in range(size // len(zeros)):
+            bomb.write(zeros)
+    return buffer.getvalue()
+
+
+def test_a_gzip_bomb_and_an_oversized_object_are_quarantined_and_the_rest_ingests(local_store, tmp_path):
+    cap = 2**19
+    bomb = gzip_of_zeros(200 * 2**20)
+    assert len(bomb) < 250_000 < cap
+    # An object of exactly the cap is read: its last line is padded to make it so.
+    head = jsonl(*(line(f"p-{i}") for i in range(19)))
+    padding = cap - len(head) - len(jsonl(line("p-19", input="")))
+    plain = head + jsonl(line("p-19", input="x" * padding))
+    assert len(plain) == cap
+    objects = {
+        f"logs/dt={DAY}/a-plain.jsonl": plain,
+        f"logs/dt={DAY}/b-bomb.jsonl.gz": bomb,
+        f"logs/dt={DAY}/c-small.jsonl.gz": gzip.compress(jsonl(line("g-1"), line("g-2"))),
+        f"logs/dt={DAY}/d-too-big.jsonl": plain + jsonl(line("one-more")),
+        # Under the cap compressed, over it expanded.
+        f"logs/dt={DAY}/e-expands.jsonl.gz": gzip.compress(plain + jsonl(line("one-more"))),
+    }
+    for key, data in objects.items():
+        local_store.put_bytes(key, data)
+
+    tracemalloc.start()
+    try:
+        stats, kept, quarantined = ingest(local_store, tmp_path, sorted(objects), max_object_bytes=cap)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+
+    assert [row["request_id"] for row in kept] == [f"p-{i}" for i in range(20)] + ["g-1", "g-2"]
+    assert [(row["source_key"], row["source_line"], row["reason"]) for row in quarantined] == [
+        (f"logs/dt={DAY}/b-bomb.jsonl.gz", 0, f"object larger than {cap} bytes decompressed"),
+        (f"logs/dt={DAY}/d-too-big.jsonl", 0, f"object larger than {cap} bytes"),
+        (f"logs/dt={DAY}/e-expands.jsonl.gz", 0, f"object larger than {cap} bytes decompressed"),
+    ]
+    assert stats.objects == len(objects)
+    # The bomb was never expanded whole: 200 MB of zeros would show here.
+    assert peak < 50 * 2**20
+
+
+def test_a_gzip_of_several_members_and_padding_still_reads_within_the_cap(local_store, tmp_path):
+    # What gzip.decompress accepts: concatenated members, zero padding after the last.
+    key = f"logs/dt={DAY}/members.jsonl.gz"
+    local_store.put_bytes(key, gzip.compress(jsonl(line("m-1"))) + gzip.compress(jsonl(line("m-2"))) + bytes(8))
+    cap = len(jsonl(line("m-1"), line("m-2")))
+    _, kept, _ = ingest(local_store, tmp_path, [key], "exact", max_object_bytes=cap)
+    assert [row["request_id"] for row in kept] == ["m-1", "m-2"]
+    # The cap counts every member: the second one takes the object over it.
+    _, kept, quarantined = ingest(local_store, tmp_path, [key], "over", max_object_bytes=cap - 1)
+    assert kept == []
+    assert [row["reason"] for row in quarantined] == [f"object larger than {cap - 1} bytes decompressed"]
+
+
+def test_an_s3_key_that_cannot_be_read_safely_is_quarantined_and_the_day_ingests(s3_store, tmp_path):
+    good = f"logs/dt={DAY}/a.jsonl"
+    s3_store.put_bytes(good, jsonl(line("r-1"), line("r-2")))
+    # Written past the store, as any client of the bucket may: the store itself refuses such a key.
+    escape = f"logs/dt={DAY}/../../escape.jsonl"
+    s3_store.client.put_object(Bucket=s3_store.bucket, Key=f"{s3_store.prefix}/{escape}", Body=jsonl(line("e-1")))
+    keys = [info.key for info in s3_store.list(f"logs/dt={DAY}/")]
+    assert keys == [escape, good]
+
+    stats, kept, quarantined = ingest(s3_store, tmp_path, keys)
+
+    assert [row["request_id"] for row in kept] == ["r-1", "r-2"]
+    assert [(row["source_key"], row["source_line"], row["reason"]) for row in quarantined] == [
+        (escape, 0, "object not read: invalid store key")
+    ]
+    assert (stats.objects, stats.lines_in) == (2, 3)
+
+
+def test_a_symlinked_object_is_never_read_into_an_excerpt(local_store, tmp_path):
+    secret = tmp_path / "secret.txt"
+    secret.write_text("TOP SECRET, not JSON\n")
+    good = f"logs/dt={DAY}/a.jsonl"
+    local_store.put_bytes(good, jsonl(line("r-1")))
+    leak = f"logs/dt={DAY}/leak.jsonl"
+    (local_store.root / leak).symlink_to(secret)
+
+    # A listing does not offer it, and a key given by hand is quarantined unread.
+    assert [info.key for info in local_store.list(f"logs/dt={DAY}/")] == [good]
+    _, kept, quarantined = ingest(local_store, tmp_path, [good, leak])
+
+    assert [row["request_id"] for row in kept] == ["r-1"]
+    assert [(row["source_key"], row["source_line"], row["reason"]) for row in quarantined] == [
+        (leak, 0, "object not read: store key leads outside the store root through a symlink")
+    ]
+    assert quarantined[0]["excerpt"] is None
+
+
 # --- duplicates and replays --------------------------------------------------------------------
 
 
@@ -458,3 +563,21 @@ def test_truncated_or_garbled_json_never_raises(local_store, tmp_path, bad):
     _stats, kept, quarantined = ingest(local_store, tmp_path, [key])
     assert [row["request_id"] for row in kept] == ["ok"]
     assert [(row["source_line"], row["reason"]) for row in quarantined] == [(1, "not valid JSON")]
+
+
+@pytest.mark.parametrize(
+    ("field", "literal"),
+    [("latency_ms", "1e400"), ("latency_ms", "-1e400"), ("latency_ms", "NaN"), ("cost_usd", "Infinity")],
+)
+def test_a_number_that_is_not_finite_is_quarantined_with_its_reason(local_store, tmp_path, field, literal):
+    key = f"logs/dt={DAY}/numbers.jsonl"
+    # DuckDB's JSON reader takes all four literals (1e400 overflows to inf); json.dumps writes none of them.
+    bad = line("not-finite").replace(f'"{field}": {record("x")[field]}', f'"{field}": {literal}')
+    assert literal in bad
+    local_store.put_bytes(key, jsonl(line("huge-but-finite", latency_ms=1e300), bad))
+
+    stats, kept, quarantined = ingest(local_store, tmp_path, [key])
+
+    assert [row["request_id"] for row in kept] == ["huge-but-finite"] and kept[0]["latency_ms"] == 1e300
+    assert reasons_by_line(quarantined, key) == {2: f"field {field} must be a finite number, not {literal}"}
+    assert stats.invalid == 1

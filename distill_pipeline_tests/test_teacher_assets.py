@@ -18,9 +18,10 @@ from distill_pipeline.defs.data.ingest import raw_logs
 from distill_pipeline.defs.logs.assets import teacher_logs
 from distill_pipeline.defs.teachers.labelling import teacher_labels
 from distill_pipeline.defs.teachers.resources import TeacherPrice, TeacherResource
+from distill_pipeline.defs.teachers.resources import resources as teacher_definitions
 from distill_pipeline.logs.importer import ColumnMapping, import_table
 from distill_pipeline.logs.schema import LogRecord, encode_log_object, log_object_key
-from distill_pipeline_tests.openai_server import control, server_stats
+from distill_pipeline_tests.openai_server import control, credential_fingerprint, server_stats
 
 DAY = "2026-03-05"
 ASSETS = [teacher_logs, raw_logs, teacher_labels]
@@ -45,13 +46,20 @@ def write_day(store: LocalStore, records: list[LogRecord]) -> None:
     store.put_bytes(log_object_key(DAY, "app-0001"), encode_log_object([r.to_json() for r in records]))
 
 
-def materialize(store: LocalStore, instance: dg.DagsterInstance, teacher: TeacherResource, asset: str):
+def materialize(
+    store: LocalStore,
+    instance: dg.DagsterInstance,
+    teacher: TeacherResource,
+    asset: str,
+    run_config: dict | None = None,
+):
     return dg.materialize(
         ASSETS,
         selection=[asset],
         partition_key=DAY,
         resources={"store": StoreResource(url=store.url), "task": TaskResource(name="toxicity"), "teacher": teacher},
         instance=instance,
+        run_config=run_config,
         raise_on_error=False,
     )
 
@@ -141,17 +149,70 @@ def test_fill_asks_teachers_only_where_the_log_has_no_label(teacher_url, tmp_pat
     assert rows[texts[0]]["model"] == "openai/gpt-4" and rows[texts[0]]["teacher_agreement"] is None
 
 
-def test_teacher_failures_are_quarantined_with_their_reason(teacher_url, tmp_path, instance):
+def checks(result: dg.ExecuteInProcessResult) -> dict[str, bool]:
+    return {evaluation.check_name: evaluation.passed for evaluation in result.get_asset_check_evaluations()}
+
+
+def test_every_teacher_call_failing_fails_the_run(teacher_url, tmp_path, instance):
     store = LocalStore(tmp_path / "store")
     write_day(store, [LogRecord(t, "openai/gpt-4", "simple_prompt", '{"is_bad": 0}') for t in comments(3)])
     control(teacher_url, missing_models=["teacher-a"])
     resource = teacher(teacher_url, tmp_path, models=["openai/teacher-a"], max_retries=0)
     assert materialize(store, instance, resource, "raw_logs").success
     result = materialize(store, instance, resource, "teacher_labels")
-    # Every row quarantined: the parse-failure check has nothing to judge, the stage publishes.
+    # Every row quarantined with its reason; the parse-failure check has no answer to judge and
+    # passes, so the failure rate and the empty day are what stop the run.
+    assert not result.success
+    assert checks(result) == {"parse_failure_rate": True, "teacher_failure_rate": False, "labelled_rows": False}
     assert metadata(result)["labelled"] == 0 and metadata(result)["teacher_failed"] == 3
+    assert metadata(result)["teacher_failure_rate"] == 1.0
     (reason,) = {row["reason"] for row in table(store, "quarantine.parquet")}
     assert reason.startswith("teacher: provider error: openai/teacher-a: NotFoundError")
+
+
+def test_teacher_failures_over_the_limit_fail_the_run(teacher_url, tmp_path, instance):
+    store = LocalStore(tmp_path / "store")
+    texts = comments(10)
+    # Eight rows keep their logged label; the two that go to the teacher both fail.
+    logged = [LogRecord(t, "openai/gpt-4", "simple_prompt", '{"is_bad": 0}') for t in texts[:8]]
+    write_day(store, logged + [LogRecord(t, "openai/gpt-4", "simple_prompt", None, error="timeout") for t in texts[8:]])
+    control(teacher_url, missing_models=["teacher-a"])
+    resource = teacher(teacher_url, tmp_path, mode="fill", models=["openai/teacher-a"], max_retries=0)
+    assert materialize(store, instance, resource, "raw_logs").success
+    result = materialize(store, instance, resource, "teacher_labels")
+    assert not result.success
+    assert checks(result) == {"parse_failure_rate": True, "teacher_failure_rate": False, "labelled_rows": True}
+    assert metadata(result)["labelled"] == 8 and metadata(result)["teacher_failure_rate"] == 1.0
+
+
+def test_a_day_with_rows_and_no_label_fails(tmp_path, instance):
+    store = LocalStore(tmp_path / "store")
+    write_day(store, [LogRecord(t, "openai/gpt-4", "simple_prompt", None, error="timeout") for t in comments(4)])
+    resource = TeacherResource(mode="logged")
+    assert materialize(store, instance, resource, "raw_logs").success
+    result = materialize(store, instance, resource, "teacher_labels")
+    assert not result.success
+    assert checks(result) == {"parse_failure_rate": True, "teacher_failure_rate": True, "labelled_rows": False}
+    assert metadata(result)["rows_in"] == 4 and metadata(result)["labelled"] == 0
+
+
+def test_a_partial_launchpad_config_keeps_what_was_configured_at_load(teacher_url, tmp_path, instance, monkeypatch):
+    store = LocalStore(tmp_path / "store")
+    write_day(store, [LogRecord(t, "openai/gpt-4", "simple_prompt", '{"is_bad": 0}') for t in comments(4)])
+    monkeypatch.setenv("DISTILL_TEACHER_MODE", "relabel")
+    monkeypatch.setenv("DISTILL_TEACHERS", "openai/teacher-a,openai/teacher-b")
+    monkeypatch.setenv("DISTILL_TEACHER_API_BASE", teacher_url + "/v1")
+    monkeypatch.setenv("DISTILL_TEACHER_API_KEY", "sk-configured-at-load")
+    resource = teacher_definitions().resources["teacher"]
+    # The launchpad sets two fields; mode, models, api_base and the key stay as configured at load.
+    launchpad = {"resources": {"teacher": {"config": {"max_retries": 1, "journal_dir": str(tmp_path / "journal")}}}}
+    assert materialize(store, instance, resource, "raw_logs").success
+    result = materialize(store, instance, resource, "teacher_labels", run_config=launchpad)
+    assert result.success
+    meta = metadata(result)
+    assert meta["mode"] == "relabel" and meta["teacher_calls"] == 8 and meta["labelled"] == 4
+    assert "openai/teacher-b" in meta["teachers"]
+    assert server_stats(teacher_url)["credentials"] == [credential_fingerprint("Bearer sk-configured-at-load")]
 
 
 def test_budget_stops_the_run_and_keeps_what_was_paid(teacher_url, tmp_path, instance):

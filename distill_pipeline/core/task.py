@@ -71,7 +71,13 @@ class SplitConfig:
 @dataclass(frozen=True)
 class CheckConfig:
     max_parse_failure_rate: float = 0.05
+    # Share of the rows handed to teachers (relabel, fill) that no teacher answered: provider
+    # errors after the retries and the fallback.
+    max_teacher_failure_rate: float = 0.05
     max_quarantine_rate: float = 0.05
+    # A log object holding more bytes than this, as stored or once gunzipped, is quarantined
+    # whole and the rest of its day ingests: a small gzip bomb never expands past it.
+    max_log_object_bytes: int = 256 * 2**20
     min_curated_rows: int = 100
     min_positive_rate: float = 0.02
     max_positive_rate: float = 0.98

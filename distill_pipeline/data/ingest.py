@@ -2,7 +2,10 @@
 
 Every line that comes in leaves as exactly one of: a kept record, or a quarantined line with
 its object key, line number and reason (a duplicate request id is quarantined too, with the
-location of its first occurrence). So ``lines_in == kept + quarantined`` always holds.
+location of its first occurrence). So ``lines_in == kept + quarantined`` always holds. An
+object that cannot be read safely (a key the store refuses, more than ``max_object_bytes`` as
+stored or once gunzipped, a corrupt gzip) is quarantined whole as one line, line 0, and the rest
+of the day ingests.
 
 The work is vectorised: numpy finds line boundaries, Arrow wraps them without copying, and
 DuckDB validates and types every field in one SQL pass per batch of objects, from
@@ -13,7 +16,6 @@ memory limit, so memory is bounded by a batch plus that limit, not by the day's 
 from __future__ import annotations
 
 import codecs
-import gzip
 import zlib
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -23,11 +25,16 @@ import numpy as np
 import pyarrow as pa
 
 from distill_pipeline.core import duck
-from distill_pipeline.core.store import ObjectStore
+from distill_pipeline.core.store import ObjectStore, ObjectTooLarge, UnsafeKey
+from distill_pipeline.core.task import CheckConfig
+from distill_pipeline.data import pii
 from distill_pipeline.logs.schema import MAX_REQUEST_ID_CHARS, SCHEMA_FIELDS, SUPPORTED_SCHEMA_VERSIONS, FieldSpec
 
 #: Lines longer than this are quarantined without being parsed.
 DEFAULT_MAX_LINE_BYTES = 1_000_000
+#: Objects holding more bytes than this, as stored or once gunzipped, are quarantined whole; the
+#: raw_logs asset takes it from the task's ``[checks] max_log_object_bytes``.
+DEFAULT_MAX_OBJECT_BYTES = CheckConfig.max_log_object_bytes
 #: How much of a bad line the quarantine table keeps.
 EXCERPT_CHARS = 300
 
@@ -72,6 +79,8 @@ class IngestStats:
     kept: int = 0
     quarantined: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    #: PII items replaced by kind, when scrubbing was asked for (see ``pii.py``).
+    pii_scrubbed: dict[str, int] = field(default_factory=dict)
 
     @property
     def duplicates(self) -> int:
@@ -159,15 +168,37 @@ def _without_lines(data: bytes, offsets: np.ndarray, keep: np.ndarray) -> pa.Arr
     return pa.Array.from_buffers(pa.large_string(), len(keep), [None, pa.py_buffer(new_offsets), pa.py_buffer(text)])
 
 
-def decompress_if_needed(key: str, data: bytes) -> bytes:
-    if key.endswith(".gz"):
-        return gzip.decompress(data)
-    return data
+def decompress_if_needed(key: str, data: bytes, max_bytes: int) -> bytes:
+    """An object's content: its bytes, gunzipped when its key ends in ``.gz``.
+
+    Raises :class:`ObjectTooLarge` as soon as the content passes ``max_bytes``, so a gzip bomb is
+    never expanded whole; written out because ``gzip.decompress`` has no limit. Like it, this
+    reads concatenated members and ignores zero padding after the last; zlib checks each
+    member's header, CRC and length.
+    """
+    if not key.endswith(".gz"):
+        return data
+    members, room, rest = [], max_bytes, data
+    while rest:
+        member = zlib.decompressobj(wbits=16 + zlib.MAX_WBITS)
+        content = member.decompress(rest, room + 1)
+        if len(content) > room:
+            raise ObjectTooLarge(key, max_bytes)
+        if not member.eof:
+            raise EOFError("Compressed file ended before the end-of-stream marker was reached")
+        members.append(content)
+        room -= len(content)
+        rest = member.unused_data.lstrip(b"\0")
+    return b"".join(members)
+
+
+def _too_large(max_bytes: int) -> str:
+    return f"object larger than {max_bytes} bytes"
 
 
 def _field_checks() -> str:
     """SQL for the per-field type checks, as CASE branches over ``types``: the type of the
-    root at 1, then each field's in schema order."""
+    root at 1, then each field's in schema order (and over ``vals`` for the value of a number)."""
     branches = []
     for index, spec in enumerate(SCHEMA_FIELDS, start=2):
         allowed = ", ".join(f"'{t}'" for t in _JSON_TYPES[spec.json_type])
@@ -179,6 +210,13 @@ def _field_checks() -> str:
             f"WHEN types[{index}] IS NOT NULL AND types[{index}] <> 'NULL' AND types[{index}] NOT IN ({allowed}) "
             f"THEN 'field {spec.name} must be {_article(spec)} {spec.json_type}, not ' || {_json_type_name(f'types[{index}]')}"
         )
+        if spec.json_type == "number":
+            # DuckDB's JSON reader takes NaN, Infinity and literals past the double range (1e400
+            # reads as inf); none is a latency or a cost, so the line is quarantined, not kept.
+            branches.append(
+                f"WHEN NOT isfinite(TRY_CAST(vals[{index - 1}] AS DOUBLE)) "
+                f"THEN 'field {spec.name} must be a finite number, not ' || vals[{index - 1}]"
+            )
     return "\n".join(branches)
 
 
@@ -303,9 +341,18 @@ class Ingestor:
     query, and the two outputs are the two sides of that table.
     """
 
-    def __init__(self, workdir: Path, *, max_line_bytes: int = DEFAULT_MAX_LINE_BYTES) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        *,
+        max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+        max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    ) -> None:
+        if max_object_bytes < 1:
+            raise ValueError(f"max_object_bytes must be positive, not {max_object_bytes}")
         self.workdir = workdir
         self.max_line_bytes = max_line_bytes
+        self.max_object_bytes = max_object_bytes
         self.con = duck.connect(workdir)
         self.stats = IngestStats()
         self._judged_lines_sql = _judged_lines_sql(max_line_bytes)
@@ -323,13 +370,15 @@ class Ingestor:
             self.con.unregister("batch")
 
     def add_object(self, key: str, data: bytes) -> None:
-        self.stats.objects += 1
-        self.stats.bytes_in += len(data)
-        if self._last_key is not None and key <= self._last_key:
-            self._in_key_order = False
-        self._last_key = key
+        self._count_object(key, len(data))
+        if len(data) > self.max_object_bytes:
+            self._quarantine_object(key, _too_large(self.max_object_bytes))
+            return
         try:
-            data = decompress_if_needed(key, data)
+            data = decompress_if_needed(key, data, self.max_object_bytes)
+        except ObjectTooLarge:
+            self._quarantine_object(key, f"{_too_large(self.max_object_bytes)} decompressed")
+            return
         except (OSError, EOFError, zlib.error) as exc:
             self._quarantine_object(key, f"object could not be decompressed: {exc}")
             return
@@ -370,13 +419,26 @@ class Ingestor:
             self.con.unregister("batch")
         self._pending, self._pending_bytes = [], 0
 
+    def reject_object(self, key: str, reason: str) -> None:
+        """Quarantine an object that was not read, e.g. because its key is unsafe."""
+        self._count_object(key, 0)
+        self._quarantine_object(key, reason)
+
+    def _count_object(self, key: str, nbytes: int) -> None:
+        self.stats.objects += 1
+        self.stats.bytes_in += nbytes
+        if self._last_key is not None and key <= self._last_key:
+            self._in_key_order = False
+        self._last_key = key
+
     def _quarantine_object(self, key: str, reason: str) -> None:
         # The object's lines cannot be counted, so the object itself is the unit quarantined.
         self.stats.lines_in += 1
         self.con.execute("INSERT INTO lines (source_key, source_line, reason) VALUES (?, 0, ?)", [key, reason])
 
-    def finish(self, records_path: Path, quarantine_path: Path) -> IngestStats:
-        """Deduplicate by request id (first occurrence wins) and write both tables as Parquet."""
+    def finish(self, records_path: Path, quarantine_path: Path, *, scrub_pii: bool = False) -> IngestStats:
+        """Deduplicate by request id (first occurrence wins) and write both tables as Parquet,
+        with the text of records and of quarantined lines scrubbed of PII if ``scrub_pii``."""
         self._flush()
         # Only request ids kept more than once are ranked: a few rows, not the day.
         self.con.execute(
@@ -398,6 +460,12 @@ class Ingestor:
             WHERE lines.rowid = repeats.row_id
             """
         )
+        if scrub_pii:
+            # A quarantined line's excerpt quotes the line; a duplicate's names where it was first seen.
+            kept, quoting = "reason IS NULL", "reason IS NOT NULL AND reason <> 'duplicate request_id'"
+            self.stats.pii_scrubbed = pii.scrub_table(
+                self.con, "lines", {"input": kept, "response": kept, "excerpt": quoting}
+            )
         columns = ", ".join(RECORD_COLUMNS)
         # Lines went in object by object and in order within each; sorting is needed only when
         # the objects did not come in key order.
@@ -432,9 +500,19 @@ def ingest_objects(
     quarantine_path: Path,
     *,
     max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
+    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
+    scrub_pii: bool = False,
 ) -> IngestStats:
     """Validate the log objects at ``keys`` into a records table and a quarantine table."""
-    ingestor = Ingestor(workdir, max_line_bytes=max_line_bytes)
+    ingestor = Ingestor(workdir, max_line_bytes=max_line_bytes, max_object_bytes=max_object_bytes)
     for key in sorted(keys):
-        ingestor.add_object(key, store.get_bytes(key))
-    return ingestor.finish(records_path, quarantine_path)
+        try:
+            # Capped here too, so that an oversized object is never taken into memory.
+            data = store.get_bytes(key, max_bytes=max_object_bytes)
+        except UnsafeKey as exc:
+            ingestor.reject_object(key, f"object not read: {exc.why}")
+        except ObjectTooLarge:
+            ingestor.reject_object(key, _too_large(max_object_bytes))
+        else:
+            ingestor.add_object(key, data)
+    return ingestor.finish(records_path, quarantine_path, scrub_pii=scrub_pii)

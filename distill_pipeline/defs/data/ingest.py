@@ -44,10 +44,19 @@ def raw_logs(context: dg.AssetExecutionContext, store: StoreResource, task: Task
         context.log.warning(
             f"no log objects under {log_object_prefix(day)} in {object_store.url}: publishing an empty day"
         )
-    limits = task.load().checks
+    loaded = task.load()
+    limits = loaded.checks
     with scratch_dir(context) as scratch:
         records, quarantine = scratch / "records.parquet", scratch / "quarantine.parquet"
-        stats = ingest_objects(object_store, keys, scratch / "duckdb", records, quarantine)
+        stats = ingest_objects(
+            object_store,
+            keys,
+            scratch / "duckdb",
+            records,
+            quarantine,
+            max_object_bytes=limits.max_log_object_bytes,
+            scrub_pii=loaded.curation.scrub_pii,
+        )
         context.log.info(
             f"{stats.lines_in:,} lines from {stats.objects} objects: {stats.kept:,} kept, {stats.quarantined:,} quarantined"
         )
@@ -56,7 +65,8 @@ def raw_logs(context: dg.AssetExecutionContext, store: StoreResource, task: Task
             object_store,
             prefix,
             {"records.parquet": records, "quarantine.parquet": quarantine},
-            {"day": day, "stats": dataclasses.asdict(stats), "objects": keys},
+            # Read by teacher_labels, which scrubs a day's records itself when they were not scrubbed here.
+            {"day": day, "stats": dataclasses.asdict(stats), "objects": keys, "scrub_pii": loaded.curation.scrub_pii},
         )
         quarantine_sample = parquet_sample_markdown(
             quarantine, ["source_key", "source_line", "reason", "excerpt"], limit=10
@@ -72,6 +82,7 @@ def raw_logs(context: dg.AssetExecutionContext, store: StoreResource, task: Task
             "kept": stats.kept,
             "quarantined": stats.quarantined,
             "duplicate_request_ids": stats.duplicates,
+            "pii_scrubbed": dg.MetadataValue.json(stats.pii_scrubbed),
             "invalid_rate": float(invalid_rate),
             "quarantine_reasons": dg.MetadataValue.md(counts_table(stats.reasons, "reason", stats.lines_in)),
             "quarantine_sample": dg.MetadataValue.md(quarantine_sample),

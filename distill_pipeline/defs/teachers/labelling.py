@@ -12,6 +12,7 @@ from distill_pipeline.core.store import ObjectStore
 from distill_pipeline.core.tables import publish_table
 from distill_pipeline.core.task import Task
 from distill_pipeline.data.labels import inputs_for_teachers, label_records
+from distill_pipeline.data.pii import scrub_parquet
 from distill_pipeline.defs.core.common import location, scratch_dir
 from distill_pipeline.defs.core.partitions import log_days
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
@@ -23,6 +24,8 @@ from distill_pipeline.teachers.client import RunTotals
 from distill_pipeline.teachers.relabel import Verdicts, ask_teachers
 
 PARSE_FAILURE_RATE_CHECK = "parse_failure_rate"
+TEACHER_FAILURE_RATE_CHECK = "teacher_failure_rate"
+LABELLED_ROWS_CHECK = "labelled_rows"
 
 
 @dg.asset(
@@ -36,7 +39,19 @@ PARSE_FAILURE_RATE_CHECK = "parse_failure_rate"
             asset="teacher_labels",
             blocking=True,
             description="Share of teacher responses that could not be parsed is within the task's limit.",
-        )
+        ),
+        dg.AssetCheckSpec(
+            TEACHER_FAILURE_RATE_CHECK,
+            asset="teacher_labels",
+            blocking=True,
+            description="Share of the rows handed to teachers that no teacher answered is within the task's limit.",
+        ),
+        dg.AssetCheckSpec(
+            LABELLED_ROWS_CHECK,
+            asset="teacher_labels",
+            blocking=True,
+            description="A day with rows has at least one labelled row.",
+        ),
     ],
 )
 def teacher_labels(
@@ -49,6 +64,7 @@ def teacher_labels(
     teacher_metadata: dict[str, object] = {}
     with scratch_dir(context) as scratch:
         records = upstream(context, object_store, RawLogs).records(day, scratch)
+        pii_scrubbed = scrub_records(context, object_store, loaded, day, records, scratch)
         labels, quarantine = scratch / "labels.parquet", scratch / "quarantine.parquet"
         files = {"labels.parquet": labels, "quarantine.parquet": quarantine}
         if teacher.mode == "logged":
@@ -75,7 +91,8 @@ def teacher_labels(
     label_counts = {label_names.get(k, str(k)): v for k, v in stats.label_counts.items()}
     failure_rate = stats.parse_failures / stats.with_response if stats.with_response else 0.0
     context.log.info(
-        f"{stats.labelled:,} labelled; parse rate {stats.parse_rate:.2%}; {stats.quarantined:,} quarantined"
+        f"{stats.labelled:,} labelled; parse rate {stats.parse_rate:.2%}; {stats.quarantined:,} quarantined; "
+        f"teachers failed on {stats.teacher_failures:,} of {stats.to_teachers:,} rows"
     )
     return dg.MaterializeResult(
         metadata={
@@ -92,6 +109,8 @@ def teacher_labels(
             "quarantine_sample": dg.MetadataValue.md(quarantine_sample),
             "table": location(object_store, prefix + "labels.parquet"),
             "mode": teacher.mode,
+            "pii_scrubbed": dg.MetadataValue.json(pii_scrubbed),
+            "teacher_failure_rate": float(stats.teacher_failure_rate),
             **teacher_metadata,
         },
         check_results=[
@@ -104,9 +123,38 @@ def teacher_labels(
                     "limit": float(loaded.checks.max_parse_failure_rate),
                 },
                 description=f"{stats.parse_failures:,} of {stats.with_response:,} responses unparseable",
-            )
+            ),
+            # The parse rate counts answered calls only: without this, a day on which every call
+            # failed would pass with "0 of 0 responses unparseable".
+            dg.AssetCheckResult(
+                check_name=TEACHER_FAILURE_RATE_CHECK,
+                passed=stats.teacher_failure_rate <= loaded.checks.max_teacher_failure_rate,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={
+                    "teacher_failure_rate": float(stats.teacher_failure_rate),
+                    "limit": float(loaded.checks.max_teacher_failure_rate),
+                },
+                description=f"teachers answered no call for {stats.teacher_failures:,} of {stats.to_teachers:,} rows",
+            ),
+            dg.AssetCheckResult(
+                check_name=LABELLED_ROWS_CHECK,
+                passed=stats.labelled > 0 or stats.rows_in == 0,
+                severity=dg.AssetCheckSeverity.ERROR,
+                metadata={"labelled": stats.labelled, "rows_in": stats.rows_in},
+                description=f"{stats.labelled:,} of {stats.rows_in:,} rows labelled",
+            ),
         ],
     )
+
+
+def scrub_records(
+    context: dg.AssetExecutionContext, store: ObjectStore, task: Task, day: str, records: Path, scratch: Path
+) -> dict[str, int]:
+    """Scrub the day's records of PII in place, before teachers or the labels see them, when the task
+    asks for it and raw_logs has not done it (a day ingested before scrubbing was switched on)."""
+    if not task.curation.scrub_pii or (upstream(context, store, RawLogs).manifest(day) or {}).get("scrub_pii"):
+        return {}
+    return scrub_parquet(records, ("input", "response"), scratch / "duckdb-pii")
 
 
 def teacher_verdicts(
