@@ -166,7 +166,8 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def _stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+def stop_process_group(process: subprocess.Popen[bytes], grace_s: float = 5.0) -> None:
+    """Stop a server started in its own process group: SIGTERM, then SIGKILL after ``grace_s``."""
     if process.poll() is not None:
         return
     try:
@@ -216,7 +217,7 @@ def moto_s3_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
             _wait_until_answers(endpoint, process, log_path)
             yield endpoint
         finally:
-            _stop_process_group(process)
+            stop_process_group(process)
 
 
 @pytest.fixture

@@ -13,7 +13,6 @@ import json
 import os
 import re
 import shutil
-import signal
 import socket
 import string
 import subprocess
@@ -35,6 +34,7 @@ from dagster._serdes.config_class import class_from_code_pointer
 
 from distill_pipeline.defs.students import launchers
 from distill_pipeline.defs.students.launchers import K8S_GPU_OP_TAGS
+from distill_pipeline_tests.conftest import stop_process_group
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
@@ -182,8 +182,8 @@ def code_server() -> Iterator[int]:
             pytest.fail("the code server did not come up in 120 s")
         yield port
     finally:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=30)
+        # A loaded machine can take long to shut the server's workers down: SIGKILL after the grace.
+        stop_process_group(process, grace_s=30)
 
 
 def test_workspace_loads_the_code_location_from_the_grpc_server(code_server: int, tmp_path: Path) -> None:
