@@ -180,9 +180,8 @@ def _predict(args: argparse.Namespace) -> int:
         store = None if Path(args.adapter).expanduser().exists() else open_store(args.store)
         adapter = resolve_adapter(args.adapter, store, Path(directory))
         student = load_adapter_student(adapter, device=args.device, log=lambda message: print(message, file=sys.stderr))
-        rows = label_table(
-            student_predictor(student, args.batch_size), student.labels.names, table, texts, Path(args.output)
-        )
+        predictor = student_predictor(student, args.batch_size, prior=args.prior, log=print)
+        rows = label_table(predictor, student.labels.names, table, texts, Path(args.output))
     print(f"labelled {rows:,} rows into {args.output}")
     return 0
 
@@ -194,6 +193,18 @@ def _positive_int(text: str) -> int:
         value = 0
     if value < 1:
         raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return value
+
+
+def _prior(text: str) -> float | str | None:
+    if text in ("auto", "train"):
+        return None if text == "train" else text
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not 'auto', 'train' or a share between 0 and 1")
     return value
 
 
@@ -268,6 +279,14 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--text-column", default="input")
     predict.add_argument("--batch-size", type=_positive_int, default=32)
     predict.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    predict.add_argument(
+        "--prior",
+        type=_prior,
+        default="auto",
+        help="the share of the positive label the table is expected to have (e.g. 0.1); 'auto' (default) "
+        "estimates it from the table itself (EM on the student's probabilities, 100 rows or more); "
+        "'train' keeps the training set's share",
+    )
     predict.set_defaults(run=_predict)
     return parser
 

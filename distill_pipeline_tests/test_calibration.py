@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import math
 import random
 
 import pytest
 import torch
 
-from distill_pipeline.trainer.calibration import DEFAULT_THRESHOLD, THRESHOLD_RANGE, choose_threshold
+from distill_pipeline.trainer.calibration import (
+    DEFAULT_THRESHOLD,
+    THRESHOLD_RANGE,
+    choose_threshold,
+    estimate_prior,
+    shift_probability,
+)
 from distill_pipeline.trainer.data import LabelSet
 from distill_pipeline.trainer.predict import DecisionRule, decide
 
@@ -58,3 +65,39 @@ def test_decide_applies_the_threshold_to_the_positive_label_only() -> None:
     # The positive label may come first in the label set.
     flipped = LabelSet([1, 0], ["toxic", "ok"])
     assert decide(flipped, probabilities.flip(1), DecisionRule(1, 0.2)) == [1, 0, 1]
+
+
+def test_shifting_to_the_training_prior_changes_nothing_and_a_rarer_label_lowers_every_probability() -> None:
+    for p in (0.01, 0.3, 0.5, 0.9):
+        assert shift_probability(p, 0.2, 0.2) == pytest.approx(p)
+        assert shift_probability(p, 0.2, 0.05) < p < shift_probability(p, 0.2, 0.5)
+    # Bayes' rule by hand: odds 1 at a 20% prior become odds 1 * (0.5/0.5)/(0.2/0.8) = 4 at 50%.
+    assert shift_probability(0.5, 0.2, 0.5) == pytest.approx(0.8)
+
+
+def _calibrated_posteriors(
+    rng: random.Random, n: int, true_prior: float, train_prior: float
+) -> tuple[list[float], list[bool]]:
+    """Texts drawn at ``true_prior`` from two Gaussian scores, as Bayes posteriors at ``train_prior``, and their truth."""
+    posteriors, truth = [], []
+    for _ in range(n):
+        positive = rng.random() < true_prior
+        x = rng.gauss(1.0 if positive else -1.0, 1.0)
+        odds = math.exp(2.0 * x) * train_prior / (1.0 - train_prior)  # N(1, 1) over N(-1, 1), times the prior odds
+        posteriors.append(odds / (1.0 + odds))
+        truth.append(positive)
+    return posteriors, truth
+
+
+@pytest.mark.parametrize("true_prior", [0.09, 0.21, 0.5])
+def test_em_recovers_the_share_of_positives_among_unlabelled_texts(true_prior: float) -> None:
+    posteriors, truth = _calibrated_posteriors(random.Random(7), 4000, true_prior, train_prior=0.21)
+    assert estimate_prior(posteriors, 0.21) == pytest.approx(sum(truth) / len(truth), abs=0.02)
+
+
+def test_deciding_at_the_estimated_prior_is_more_accurate_under_label_shift() -> None:
+    posteriors, truth = _calibrated_posteriors(random.Random(11), 4000, 0.09, train_prior=0.21)
+    estimated = estimate_prior(posteriors, 0.21)
+    shifted = [shift_probability(p, 0.21, estimated) for p in posteriors]
+    # Bayes' rule at the right prior: about one point here, on 4,000 seeded rows.
+    assert accuracy(shifted, truth, 0.5) > accuracy(posteriors, truth, 0.5) + 0.005

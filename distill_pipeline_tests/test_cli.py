@@ -125,6 +125,10 @@ USER_ERRORS: dict[str, Callable[[Path], tuple[list[object], tuple[str, ...]]]] =
         predict(t, "champion", "--output", t / "out.parquet", "--batch-size", "0"),
         ("argument --batch-size: '0' is not a positive whole number", "--help"),
     ),
+    "predict: --prior 1.5": lambda t: (
+        predict(t, "champion", "--output", t / "out.parquet", "--prior", "1.5"),
+        ("argument --prior: '1.5' is not 'auto', 'train' or a share between 0 and 1", "--help"),
+    ),
     "predict: a missing text column": lambda t: (
         ["predict", "--adapter", "champion", "--input", comments_jsonl(t), "--output", t / "out.parquet"],
         ("comments.jsonl' has no column 'input'; it has ['comment']", "--text-column"),

@@ -382,12 +382,24 @@ def test_a_two_label_student_records_its_validation_threshold_and_predicts_with_
     # Chosen on the validation rows, where 0.5 was a candidate too: never worse than argmax there.
     assert result.val_accuracy_calibrated >= result.val_accuracy
     meta = json.loads((tmp_path / "run" / "adapter" / "student.json").read_text())
-    assert meta["decision"] == {"positive_label": 1, "threshold": result.decision_threshold}
+    train_rows = pq.read_table(spec.train_path).column("label").to_pylist()
+    assert meta["decision"] == {
+        "positive_label": 1,
+        "threshold": result.decision_threshold,
+        "train_prior": sum(train_rows) / len(train_rows),
+    }
 
     student = load_student(tmp_path / "run" / "adapter", log=quiet)
     texts = [r["input"] for r in synthetic_rows(40, 7)]
     labels, probabilities = student.predict(texts)
     assert labels == [1 if p[1] >= result.decision_threshold else 0 for p in probabilities]
+    # Under a rarer positive label the same texts get lower P(positive), and never more positives.
+    rare, rare_probabilities, used = student.predict_under_prior(texts, prior=0.02)
+    assert used == 0.02
+    assert all(r[1] <= p[1] + 1e-9 for r, p in zip(rare_probabilities, probabilities, strict=True))
+    assert sum(rare) <= sum(labels)
+    # Too few texts to estimate a prior from: the training prior stands.
+    assert student.predict_under_prior(texts, prior="auto")[2] is None
 
     # Without calibration the adapter says so, and prediction is argmax.
     plain = train(dataclasses.replace(spec, calibrate_threshold=False, output_dir=str(tmp_path / "plain")), log=quiet)

@@ -35,15 +35,38 @@ def load_adapter_student(adapter_dir: Path, *, device: str = "auto", log: Log = 
         raise PredictionError(str(exc)) from exc
 
 
-def student_predictor(student: Any, batch_size: int = PREDICT_BATCH_SIZE) -> Predictor:
-    """A student as an evaluation Predictor: texts to labels and probabilities."""
+def student_predictor(
+    student: Any, batch_size: int = PREDICT_BATCH_SIZE, prior: float | str | None = None, log: Log | None = None
+) -> Predictor:
+    """A student as an evaluation Predictor: texts to labels and probabilities.
+
+    ``prior``: the share of positives the texts are expected to have (a number), ``"auto"`` to
+    estimate it from each call's texts, or None for the student's training prior (see the
+    trainer's ``predict_under_prior``). ``log`` hears which prior each call used.
+    """
     values = tuple(int(v) for v in student.labels.values)
 
     def predict(texts: Sequence[str]) -> Predictions:
-        labels, probabilities = student.predict(list(texts), batch_size=batch_size)
+        labels, probabilities, used = student.predict_under_prior(list(texts), batch_size=batch_size, prior=prior)
+        if log is not None and prior is not None:
+            log(describe_prior(student, used, len(texts)))
         return Predictions(labels, np.asarray(probabilities, dtype=float).reshape(len(labels), len(values)), values)
 
     return predict
+
+
+def describe_prior(student: Any, used: float | None, rows: int) -> str:
+    """One line on the class prior a prediction used."""
+    from distill_pipeline.trainer.calibration import MIN_PRIOR_ESTIMATE_ROWS
+
+    rule = student.decision
+    if rule is None or rule.train_prior is None:
+        return "class prior: the student's training prior (the adapter records no training prior to shift from)"
+    name = student.labels.names[student.labels.index_of(rule.positive_label)]
+    if used is None:
+        why = f"fewer than {MIN_PRIOR_ESTIMATE_ROWS} rows to estimate another" if rows < MIN_PRIOR_ESTIMATE_ROWS else ""
+        return f"class prior: the training share of {name}, {rule.train_prior:.1%}" + (f" ({why})" if why else "")
+    return f"class prior: {used:.1%} {name} (the student was trained at {rule.train_prior:.1%})"
 
 
 def read_table_to_label(input_path: Path, text_column: str, output_path: Path) -> tuple[Any, list[str]]:

@@ -1,4 +1,5 @@
-"""The decision threshold of a two-label student, chosen on its validation rows.
+"""The decision rule of a two-label student: a threshold chosen on its validation rows, and the
+adjustment of its probabilities when the traffic's share of positives is not the training set's.
 
 A student's probabilities are fitted to the teacher's labels, but its best cut-off is rarely
 0.5: a small training set, a skewed label rate or the early end of a short run all move it. The
@@ -60,3 +61,47 @@ def choose_threshold(p_positive: Sequence[float], is_positive: Sequence[bool]) -
 def apply_threshold(p_positive: float, threshold: float) -> bool:
     """Whether a row with this P(positive) is labelled positive."""
     return p_positive >= threshold
+
+
+# --- label shift -------------------------------------------------------------------------------
+# A student's P(positive) is fitted at its training set's share of positives. Where traffic has
+# another share (label shift: the same texts per label, other label frequencies), Bayes' rule
+# moves every posterior by the ratio of the two priors' odds (Saerens, Latinne & Decaestecker,
+# "Adjusting the outputs of a classifier to new a priori probabilities", Neural Computation 2002).
+# The traffic's share is configured, or estimated from the student's own probabilities on the
+# unlabelled texts by the same paper's EM.
+
+#: Fewer texts than this estimate their share of positives too loosely to move any decision.
+MIN_PRIOR_ESTIMATE_ROWS = 100
+# Priors are kept off 0 and 1, where the odds ratio is undefined.
+_PRIOR_FLOOR = 1e-4
+
+
+def _clipped(prior: float) -> float:
+    return min(max(float(prior), _PRIOR_FLOOR), 1.0 - _PRIOR_FLOOR)
+
+
+def shift_probability(p_positive: float, train_prior: float, prior: float) -> float:
+    """P(positive) of a text under the class prior ``prior``, from the student's under ``train_prior``."""
+    train_prior, prior = _clipped(train_prior), _clipped(prior)
+    ratio = (prior / (1.0 - prior)) / (train_prior / (1.0 - train_prior))
+    odds = p_positive * ratio
+    return odds / (odds + (1.0 - p_positive))
+
+
+def estimate_prior(p_positive: Sequence[float], train_prior: float, *, iterations: int = 200) -> float:
+    """The share of positives among these unlabelled texts, by EM on the student's probabilities.
+
+    Each step re-weights every posterior to the current estimate and takes their mean as the
+    next one; it converges to the maximum-likelihood prior for well-calibrated probabilities.
+    """
+    if not p_positive:
+        raise ValueError("no probabilities to estimate a prior from")
+    estimate = _clipped(train_prior)
+    for _ in range(iterations):
+        shifted = [shift_probability(p, train_prior, estimate) for p in p_positive]
+        updated = _clipped(sum(shifted) / len(shifted))
+        if abs(updated - estimate) < 1e-7:
+            return updated
+        estimate = updated
+    return estimate

@@ -21,7 +21,12 @@ from typing import Any
 
 import torch
 
-from distill_pipeline.trainer.calibration import apply_threshold
+from distill_pipeline.trainer.calibration import (
+    MIN_PRIOR_ESTIMATE_ROWS,
+    apply_threshold,
+    estimate_prior,
+    shift_probability,
+)
 from distill_pipeline.trainer.data import DecoderCodec, EncoderCodec, Example, LabelSet
 from distill_pipeline.trainer.model import (
     Log,
@@ -50,12 +55,22 @@ def make_codec(
     return DecoderCodec(tokenizer, prompt_template, labels.names, packing)
 
 
+#: ``prior="auto"``: the share of positives estimated from the texts being labelled.
+AUTO_PRIOR = "auto"
+
+
 @dataclass(frozen=True)
 class DecisionRule:
-    """Two-label students: the positive label is chosen when its probability reaches ``threshold``."""
+    """Two-label students: the positive label is chosen when its probability reaches ``threshold``.
+
+    ``train_prior`` is the training rows' share of positives, at which the probabilities are
+    fitted; a prediction under another prior shifts them from it (None: an older adapter that did
+    not record it, which predicts at its training prior only).
+    """
 
     positive_label: int
     threshold: float
+    train_prior: float | None = None
 
 
 def student_metadata(
@@ -76,7 +91,11 @@ def student_metadata(
         "prompt_template": prompt_template,
         "decision": None
         if decision is None
-        else {"positive_label": decision.positive_label, "threshold": decision.threshold},
+        else {
+            "positive_label": decision.positive_label,
+            "threshold": decision.threshold,
+            "train_prior": decision.train_prior,
+        },
     }
 
 
@@ -102,15 +121,42 @@ class Student:
     decision: DecisionRule | None = None
 
     def predict(self, texts: Sequence[str], batch_size: int = 32) -> tuple[list[int], list[list[float]]]:
-        """(label value, per-label probabilities) for every text."""
+        """(label value, per-label probabilities) for every text, at the training prior."""
+        labels, probabilities, _ = self.predict_under_prior(texts, batch_size)
+        return labels, probabilities
+
+    def predict_under_prior(
+        self, texts: Sequence[str], batch_size: int = 32, prior: float | str | None = None
+    ) -> tuple[list[int], list[list[float]], float | None]:
+        """Labels and probabilities under a class prior, and the prior used (None: the training prior).
+
+        ``prior`` is the share of positives the texts are expected to have, ``"auto"`` to estimate
+        it from them (EM; at least ``MIN_PRIOR_ESTIMATE_ROWS`` texts, else the training prior), or
+        None. A student without a two-label decision rule recording its training prior answers at
+        its training prior whatever ``prior`` says.
+        """
         if not texts:
-            return [], []
+            return [], [], None
         examples = [Example(ids, 0) for ids in self.codec.encode(texts, self.max_length)]
         log_scores = label_log_scores(
             self.codec, self.model, examples, len(self.labels.values), self.max_length, batch_size, self.runtime
         )
         probabilities = torch.softmax(log_scores, dim=-1)
-        return decide(self.labels, probabilities, self.decision), probabilities.tolist()
+        rule = self.decision
+        used = None
+        if rule is not None and rule.train_prior is not None and prior is not None:
+            positive = self.labels.index_of(rule.positive_label)
+            p_positive = probabilities[:, positive].tolist()
+            if prior == AUTO_PRIOR:
+                used = estimate_prior(p_positive, rule.train_prior) if len(texts) >= MIN_PRIOR_ESTIMATE_ROWS else None
+            else:
+                used = float(prior)
+            if used is not None:
+                shifted = torch.tensor([shift_probability(p, rule.train_prior, used) for p in p_positive])
+                probabilities = probabilities.clone()
+                probabilities[:, positive] = shifted
+                probabilities[:, 1 - positive] = 1.0 - shifted
+        return decide(self.labels, probabilities, rule), probabilities.tolist(), used
 
 
 def load_student(
@@ -144,5 +190,10 @@ def load_student(
         model = PeftModel.from_pretrained(model, str(adapter_dir)).to(runtime.device).eval()
     codec = make_codec(meta["student_kind"], tokenizer, labels, meta["prompt_template"], packing=True)
     rule = meta.get("decision")
-    decision = DecisionRule(int(rule["positive_label"]), float(rule["threshold"])) if rule else None
+    decision = None
+    if rule:
+        train_prior = rule.get("train_prior")
+        decision = DecisionRule(
+            int(rule["positive_label"]), float(rule["threshold"]), None if train_prior is None else float(train_prior)
+        )
     return Student(model, codec, labels, int(meta["max_length"]), runtime, decision)

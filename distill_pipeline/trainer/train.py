@@ -365,7 +365,9 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
         probabilities = torch.softmax(validation_scores(), dim=-1)
         positive = labels.index_of(spec.positive_label)
         threshold = choose_threshold(probabilities[:, positive].tolist(), [t == positive for t in val_targets])
-        decision = DecisionRule(spec.positive_label, threshold)
+        # The share the probabilities are fitted at, kept so a prediction can shift them to traffic's.
+        train_prior = sum(t == positive for t in targets) / max(len(targets), 1)
+        decision = DecisionRule(spec.positive_label, threshold, train_prior)
         predicted = decide(labels, probabilities, decision)
         calibrated_accuracy = sum(p == y for p, y in zip(predicted, val_raw_labels, strict=True)) / len(predicted)
         log(
