@@ -59,16 +59,6 @@ def fetch_table(store: ObjectStore, prefix: str, name: str, directory: Path) -> 
     return local
 
 
-def published_partitions(store: ObjectStore, root: str, key_name: str = "dt") -> list[str]:
-    """Partition values under ``root`` (``<root><key_name>=<value>/``) that have a manifest."""
-    values = set()
-    for info in store.list(root):
-        relative = info.key[len(root) :]
-        head, _, rest = relative.partition("/")
-        if rest == MANIFEST and head.startswith(f"{key_name}="):
-            values.add(head.split("=", 1)[1])
-    return sorted(values)
-
 
 def publish_report(
     store: ObjectStore, prefix: str, report: Mapping[str, Any], markdown: str, manifest: Mapping[str, Any]
