@@ -9,7 +9,7 @@ SHELL := /bin/bash
 
 PYTHON ?= python3
 VENV := .venv
-EXTRAS := dev,train,teacher,minilm
+EXTRAS := dev,train,teacher,minilm,serve
 # Touched after a successful install: pip runs again only when pyproject.toml or constraints.txt is newer.
 INSTALLED := $(VENV)/.installed
 
