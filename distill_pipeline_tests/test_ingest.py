@@ -194,12 +194,19 @@ def test_wrong_types_missing_fields_and_bad_values_are_quarantined(local_store, 
     # An explicit null is as missing as an absent key.
     cases += [(line("null-user", user_id=None), "missing required field user_id")]
     cases += [
-        (line("v2", schema_version=2), "unsupported schema_version 2"),
+        (line("v3", schema_version=3), "unsupported schema_version 3"),
         (line("v0", schema_version=0), "unsupported schema_version 0"),
         (line("ts-1", timestamp="yesterday"), "timestamp is not ISO 8601"),
         (line("ts-2", timestamp="2026-13-45T00:00:00Z"), "timestamp is not ISO 8601"),
         (line("ts-3", timestamp=""), "timestamp is not ISO 8601"),
         (line("neither", response=None, error=None), "neither response nor error"),
+        (line("bad-served-by", served_by="robot"), "field served_by must be one of teacher, student, not robot"),
+        (line("bad-rollout", rollout="blue"), "field rollout must be one of dark, hybrid, canary, full, not blue"),
+        (
+            line("bad-call-kind", call_kind="x" * 100),
+            "field call_kind must be one of teacher, shadow, deferred, student, sample, fallback, not " + "x" * 40,
+        ),
+        (line("bad-student", student="toxic"), "field student must be an object, not string"),
         (line("  "), "empty request_id"),
         (line("\t\n"), "empty request_id"),
         (line("x" * (MAX_REQUEST_ID_CHARS + 1)), f"request_id longer than {MAX_REQUEST_ID_CHARS} characters"),
@@ -212,6 +219,18 @@ def test_wrong_types_missing_fields_and_bad_values_are_quarantined(local_store, 
         line("ok-error-only", response=None, error="RateLimitError: 429"),
         line("ok-minimal-optional", tenant_id=None, task=None, params=None, usage=None, latency_ms=None),
         line("ok-integer-number", latency_ms=800, cost_usd=0),
+        # Version 2: the student answered alone, so there is no teacher response and no error.
+        line(
+            "ok-student-only",
+            schema_version=2,
+            response=None,
+            error=None,
+            served_by="student",
+            rollout="full",
+            call_kind="student",
+            student={"train_id": "abc", "label": 1, "confidence": 0.93, "latency_ms": 4.2},
+        ),
+        line("ok-soft-label", schema_version=2, label_distribution={"0": 0.25, "1": 0.75}),
         line("x" * MAX_REQUEST_ID_CHARS),
     ]
     local_store.put_bytes(key, jsonl(*valid, *(text for text, _ in cases)))

@@ -15,7 +15,7 @@ import pytest
 
 from distill_pipeline.core.store import LocalStore, ObjectInfo, ObjectStore, S3Store
 from distill_pipeline.logs.client import LogFlushError, LoggerClosed, LogQueueFull, TeacherLogger
-from distill_pipeline.logs.schema import LOG_PREFIX, LogRecord
+from distill_pipeline.logs.schema import LOG_PREFIX, SCHEMA_VERSION, LogRecord
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -331,7 +331,7 @@ def test_log_call_builds_the_record(local_store: LocalStore) -> None:
         "u1",
         "toxicity",
         120.5,
-        1,
+        SCHEMA_VERSION,
     )
     assert record["params"] == {"temperature": 0}
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import codecs
 import zlib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +28,15 @@ from distill_pipeline.core import duck
 from distill_pipeline.core.store import ObjectStore, ObjectTooLarge, UnsafeKey
 from distill_pipeline.core.task import CheckConfig
 from distill_pipeline.data import pii
-from distill_pipeline.logs.schema import MAX_REQUEST_ID_CHARS, SCHEMA_FIELDS, SUPPORTED_SCHEMA_VERSIONS, FieldSpec
+from distill_pipeline.logs.schema import (
+    CALL_KINDS,
+    MAX_REQUEST_ID_CHARS,
+    ROLLOUT_MODES,
+    SCHEMA_FIELDS,
+    SERVED_BY,
+    SUPPORTED_SCHEMA_VERSIONS,
+    FieldSpec,
+)
 
 #: Lines longer than this are quarantined without being parsed.
 DEFAULT_MAX_LINE_BYTES = 1_000_000
@@ -65,6 +73,11 @@ RECORD_COLUMNS = (
     "cost_usd",
     "error",
     "feedback",
+    "served_by",
+    "rollout",
+    "call_kind",
+    "student",
+    "label_distribution",
     "schema_version",
     "source_key",
     "source_line",
@@ -192,6 +205,18 @@ def decompress_if_needed(key: str, data: bytes, max_bytes: int) -> bytes:
     return b"".join(members)
 
 
+def _enum_checks(value: Callable[[str], str]) -> str:
+    """SQL CASE branches quarantining a serving field whose value is not one the schema names."""
+    branches = []
+    for name, allowed in (("served_by", SERVED_BY), ("rollout", ROLLOUT_MODES), ("call_kind", CALL_KINDS)):
+        listed = ", ".join(f"'{v}'" for v in allowed)
+        branches.append(
+            f"WHEN {value(name)} IS NOT NULL AND {value(name)} NOT IN ({listed}) "
+            f"THEN 'field {name} must be one of {', '.join(allowed)}, not ' || left({value(name)}, 40)"
+        )
+    return "\n".join(branches)
+
+
 def _too_large(max_bytes: int) -> str:
     return f"object larger than {max_bytes} bytes"
 
@@ -272,7 +297,9 @@ def _judged_lines_sql(max_line_bytes: int) -> str:
                 WHEN length({value("request_id")}) > {MAX_REQUEST_ID_CHARS} THEN 'request_id longer than {MAX_REQUEST_ID_CHARS} characters'
                 WHEN TRY_CAST({value("timestamp")} AS TIMESTAMPTZ) IS NULL THEN 'timestamp is not ISO 8601'
                 WHEN regexp_full_match({value("input")}, '[\\s\\p{{Z}}]*') THEN 'empty input'
-                WHEN {value("response")} IS NULL AND {value("error")} IS NULL THEN 'neither response nor error'
+                WHEN {value("response")} IS NULL AND {value("error")} IS NULL AND {value("student")} IS NULL
+                    THEN 'neither response nor error'
+                {_enum_checks(value)}
             END AS reason
         FROM valued
     )
@@ -301,6 +328,11 @@ def _judged_lines_sql(max_line_bytes: int) -> str:
         TRY_CAST({value("cost_usd")} AS DOUBLE) AS cost_usd,
         {value("error")} AS error,
         {value("feedback")} AS feedback,
+        {value("served_by")} AS served_by,
+        {value("rollout")} AS rollout,
+        {value("call_kind")} AS call_kind,
+        {value("student")} AS student,
+        {value("label_distribution")} AS label_distribution,
         TRY_CAST({value("schema_version")} AS INTEGER) AS schema_version,
         source_key,
         line_no AS source_line,
@@ -358,10 +390,6 @@ class Ingestor:
         self._judged_lines_sql = _judged_lines_sql(max_line_bytes)
         self._pending: list[pa.Table] = []
         self._pending_bytes = 0
-        # Objects usually come in key order (ingest_objects sorts them), and then the kept
-        # records are already in output order.
-        self._last_key: str | None = None
-        self._in_key_order = True
         # A typed empty table, shaped by the same SELECT that fills it.
         self.con.register("batch", _BATCH_SCHEMA.empty_table())
         try:
@@ -427,9 +455,6 @@ class Ingestor:
     def _count_object(self, key: str, nbytes: int) -> None:
         self.stats.objects += 1
         self.stats.bytes_in += nbytes
-        if self._last_key is not None and key <= self._last_key:
-            self._in_key_order = False
-        self._last_key = key
 
     def _quarantine_object(self, key: str, reason: str) -> None:
         # The object's lines cannot be counted, so the object itself is the unit quarantined.
@@ -467,10 +492,13 @@ class Ingestor:
                 self.con, "lines", {"input": kept, "response": kept, "excerpt": quoting}
             )
         columns = ", ".join(RECORD_COLUMNS)
-        # Lines went in object by object and in order within each; sorting is needed only when
-        # the objects did not come in key order.
-        order = "" if self._in_key_order else " ORDER BY source_key, source_line"
-        duck.copy_to_parquet(self.con, f"SELECT {columns} FROM lines WHERE reason IS NULL{order}", records_path)
+        # DuckDB keeps insertion order only as long as no update rewrites a row group, so the
+        # order of the records is asked for, not assumed.
+        duck.copy_to_parquet(
+            self.con,
+            f"SELECT {columns} FROM lines WHERE reason IS NULL ORDER BY source_key, source_line",
+            records_path,
+        )
         duck.copy_to_parquet(
             self.con,
             f"SELECT {', '.join(QUARANTINE_COLUMNS)} FROM lines WHERE reason IS NOT NULL ORDER BY source_key, source_line",

@@ -755,7 +755,7 @@ def _render_lines(con: duckdb.DuckDBPyConnection, rows: pa.Table, task: Task) ->
     con.register("simulated", rows)
     try:
         # The table's columns carry the log fields' names; the two constants are written inline.
-        expressions = {spec.name: spec.name for spec in SCHEMA_FIELDS}
+        expressions = {spec.name: spec.name for spec in SCHEMA_FIELDS if spec.name in rows.column_names}
         expressions["schema_version"] = str(SCHEMA_VERSION)
         expressions["task"] = "'" + task.id.replace("'", "''") + "'"
         line = log_line_sql(expressions)

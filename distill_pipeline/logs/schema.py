@@ -13,8 +13,26 @@ import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-SCHEMA_VERSION = 1
-SUPPORTED_SCHEMA_VERSIONS = (1,)
+SCHEMA_VERSION = 2
+#: Version 2 adds the optional serving fields (who answered, the student's answer, the rollout)
+#: and the teacher's label distribution; a version 1 record is a version 2 record without them.
+SUPPORTED_SCHEMA_VERSIONS = (1, 2)
+
+#: Who answered the caller (``served_by``): the teacher, or the student the pipeline trained.
+SERVED_BY = ("teacher", "student")
+#: How a deployment splits its traffic (``rollout``): the student shadows every call (dark), answers
+#: when it is confident (hybrid), answers a sticky share of users (canary), or answers all (full).
+ROLLOUT_MODES = ("dark", "hybrid", "canary", "full")
+#: The part each model played in a call (``call_kind``):
+#: - ``teacher``: the teacher alone answered (no student ran);
+#: - ``shadow``: the teacher answered the caller, the student answered unseen beside it;
+#: - ``deferred``: the student ran, was unsure, and the teacher answered the caller;
+#: - ``student``: the student alone answered (the teacher was not asked);
+#: - ``sample``: the student answered the caller, and the teacher was asked too, for evaluation;
+#: - ``fallback``: the teacher was to answer, failed, and the student's answer was returned.
+#: Only ``shadow`` and ``sample`` pairs are an unbiased sample of traffic for live agreement
+#: (``deferred`` pairs are the ones the student was unsure of).
+CALL_KINDS = ("teacher", "shadow", "deferred", "student", "sample", "fallback")
 
 #: Where log objects live inside a store: ``logs/dt=YYYY-MM-DD/<object>.jsonl``.
 LOG_PREFIX = "logs"
@@ -36,7 +54,7 @@ class FieldSpec:
 
 
 SCHEMA_FIELDS: tuple[FieldSpec, ...] = (
-    FieldSpec("schema_version", "integer", True, "Version of this schema; 1."),
+    FieldSpec("schema_version", "integer", True, "Version of this schema: 2 (1 is still read)."),
     FieldSpec("request_id", "string", True, "Unique id of the call; the idempotency key."),
     FieldSpec("timestamp", "string", True, "When the call was made, RFC 3339 / ISO 8601, UTC."),
     FieldSpec("user_id", "string", True, "The calling end user (used for power-user caps)."),
@@ -53,6 +71,26 @@ SCHEMA_FIELDS: tuple[FieldSpec, ...] = (
     FieldSpec("cost_usd", "number", False, "Cost of the call in US dollars."),
     FieldSpec("error", "string", False, "Provider error message; null on success."),
     FieldSpec("feedback", "object", False, "End-user feedback, e.g. {'thumbs': 'up'}."),
+    FieldSpec("served_by", "string", False, "Who answered the caller: 'teacher' (absent: teacher) or 'student'."),
+    FieldSpec("rollout", "string", False, "The serving deployment's mode: 'dark', 'hybrid', 'canary' or 'full'."),
+    FieldSpec(
+        "call_kind",
+        "string",
+        False,
+        "The part each model played: 'teacher', 'shadow', 'deferred', 'student', 'sample' or 'fallback'.",
+    ),
+    FieldSpec(
+        "student",
+        "object",
+        False,
+        "The student's answer when it ran: train_id, label, confidence (its probability), latency_ms.",
+    ),
+    FieldSpec(
+        "label_distribution",
+        "object",
+        False,
+        "The teacher's probability per label value, e.g. {'0': 0.2, '1': 0.8} (logprobs or samples).",
+    ),
 )
 
 
@@ -84,6 +122,11 @@ class LogRecord:
     cost_usd: float | None = None
     error: str | None = None
     feedback: dict[str, Any] | None = None
+    served_by: str | None = None
+    rollout: str | None = None
+    call_kind: str | None = None
+    student: dict[str, Any] | None = None
+    label_distribution: dict[str, float] | None = None
     schema_version: int = SCHEMA_VERSION
 
     def to_json(self) -> str:
