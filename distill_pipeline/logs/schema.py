@@ -137,6 +137,61 @@ class LogRecord:
         return day_of(self.timestamp)
 
 
+#: End-user feedback that arrives after the call (thumbs up or down, a regenerate) is appended to
+#: its own stream, ``feedback/dt=YYYY-MM-DD/<object>.jsonl``, one ``FeedbackEvent`` per line, and
+#: joined to the call by request id: a log record, once written, is never rewritten.
+FEEDBACK_PREFIX = "feedback"
+FEEDBACK_SCHEMA_VERSION = 1
+#: What a feedback event may say: ``{"thumbs": "up" | "down"}`` or ``{"regenerate": true}``.
+FEEDBACK_THUMBS = ("up", "down")
+
+
+@dataclass
+class FeedbackEvent:
+    """The end user's verdict on one earlier call, keyed by its request id."""
+
+    request_id: str
+    feedback: dict[str, Any]
+    user_id: str | None = None
+    timestamp: str = field(default_factory=utc_now_iso)
+    schema_version: int = FEEDBACK_SCHEMA_VERSION
+
+    def __post_init__(self) -> None:
+        problems = feedback_problems(self.request_id, self.feedback)
+        if problems:
+            raise ValueError("; ".join(problems))
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), ensure_ascii=False, separators=(",", ":"))
+
+    @property
+    def day(self) -> str:
+        return day_of(self.timestamp)
+
+
+def feedback_problems(request_id: object, feedback: object) -> list[str]:
+    """What is wrong with a feedback event's request id and verdict; empty when it is valid."""
+    problems = []
+    if not isinstance(request_id, str) or not request_id.strip() or len(request_id) > MAX_REQUEST_ID_CHARS:
+        problems.append(f"request_id must be a non-empty string of at most {MAX_REQUEST_ID_CHARS} characters")
+    if not isinstance(feedback, dict) or not feedback:
+        problems.append('feedback must be {"thumbs": "up"|"down"} or {"regenerate": true}')
+    else:
+        unknown = sorted(set(feedback) - {"thumbs", "regenerate"})
+        if unknown:
+            problems.append(f"unknown feedback keys {unknown}; known: thumbs, regenerate")
+        if "thumbs" in feedback and feedback["thumbs"] not in FEEDBACK_THUMBS:
+            problems.append(f"thumbs must be one of {', '.join(FEEDBACK_THUMBS)}")
+        if "regenerate" in feedback and feedback["regenerate"] is not True:
+            problems.append("regenerate must be true")
+    return problems
+
+
+def feedback_object_key(day: str, name: str) -> str:
+    """Key of a feedback object; ``name`` should be unique per writer and batch."""
+    return f"{FEEDBACK_PREFIX}/dt={day}/{name}.jsonl"
+
+
 def day_of(timestamp: str) -> str:
     """The UTC day (``YYYY-MM-DD``) of an ISO timestamp."""
     parsed = dt.datetime.fromisoformat(timestamp.replace("Z", "+00:00"))
