@@ -32,6 +32,7 @@ import asyncio
 import bisect
 import hashlib
 import json
+import math
 import os
 import re
 import signal
@@ -64,6 +65,27 @@ def default_answer(content: str) -> str:
     text = (match.group(1) if match else content).lower()
     is_bad = int(any(word in TOXIC_WORDS for word in _WORDS.findall(text)))
     return f'```json\n{{"is_bad": {is_bad}}}\n```'
+
+
+#: How sure the server is of a 0/1 answer token: its log-probability is log(LABEL_CONFIDENCE), the
+#: other digit's log(1 - LABEL_CONFIDENCE), so a soft label read from them is (0.1, 0.9).
+LABEL_CONFIDENCE = 0.9
+_ANSWER_TOKENS = re.compile(r"\w+|\s+|[^\w\s]")
+
+
+def answer_logprobs(answer: str, top: int) -> list[dict[str, Any]]:
+    """OpenAI-style per-token log-probabilities of an answer: every token certain but the digits
+    0 and 1, which carry the other digit as their runner-up."""
+    positions = []
+    for token in _ANSWER_TOKENS.findall(answer):
+        if token in ("0", "1"):
+            other = "1" if token == "0" else "0"
+            chosen, runner_up = math.log(LABEL_CONFIDENCE), math.log(1 - LABEL_CONFIDENCE)
+            alternatives = [{"token": token, "logprob": chosen}, {"token": other, "logprob": runner_up}]
+        else:
+            chosen, alternatives = 0.0, [{"token": token, "logprob": 0.0}]
+        positions.append({"token": token, "logprob": chosen, "top_logprobs": alternatives[:top] if top else []})
+    return positions
 
 
 def credential_fingerprint(authorization: str) -> str:
@@ -141,12 +163,19 @@ class TeacherServer:
         answer = self._scripted(model, content)
         prompt_tokens = _count_tokens(content) + 7  # the chat format's per-message overhead
         completion_tokens = _count_tokens(answer)
+        choice: dict[str, Any] = {
+            "index": 0,
+            "message": {"role": "assistant", "content": answer},
+            "finish_reason": "stop",
+        }
+        if body.get("logprobs"):
+            choice["logprobs"] = {"content": answer_logprobs(answer, int(body.get("top_logprobs") or 0))}
         return {
             "id": f"chatcmpl-{uuid.uuid4().hex[:20]}",
             "object": "chat.completion",
             "created": int(time.time()),
             "model": model,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": answer}, "finish_reason": "stop"}],
+            "choices": [choice],
             "usage": {
                 "prompt_tokens": prompt_tokens,
                 "completion_tokens": completion_tokens,

@@ -38,8 +38,10 @@ from typing import Any
 
 from distill_pipeline.core.backoff import backoff_delay_s
 from distill_pipeline.core.secrets import error_text, redact, register_secret
-from distill_pipeline.core.task import PromptTemplate
+from distill_pipeline.core.task import LabelSpec, PromptTemplate
+from distill_pipeline.data.parsing import parse_label
 from distill_pipeline.teachers.ledger import Ledger, LedgerEntry, input_sha256, ledger_key, utc_now
+from distill_pipeline.teachers.soft import TOP_LOGPROBS, distribution_from_logprobs, to_json_keys
 
 log = logging.getLogger(__name__)
 
@@ -71,11 +73,18 @@ class TeacherSpec:
     temperature: float | None = 0.0
     max_tokens: int = 256
     fallback_model: str | None = None
+    # Ask for the answer tokens' log-probabilities, from which each answer's label distribution
+    # (a soft label) is computed; providers that do not return them leave it unset.
+    logprobs: bool = False
 
     @property
     def params(self) -> dict[str, Any]:
         temperature = None if self.temperature is None else float(self.temperature)
-        return {"temperature": temperature, "max_tokens": int(self.max_tokens)}
+        params: dict[str, Any] = {"temperature": temperature, "max_tokens": int(self.max_tokens)}
+        if self.logprobs:
+            # Part of the ledger key: an answer cached without log-probabilities has no soft label.
+            params["top_logprobs"] = TOP_LOGPROBS
+        return params
 
     @property
     def name(self) -> str:
@@ -167,6 +176,8 @@ class Answer:
     error: str | None
     cached: bool
     served_model: str | None
+    # The teacher's probability per label value (text keys), from its log-probabilities.
+    label_distribution: dict[str, float] | None = None
 
 
 def render_messages(template: PromptTemplate, task_input: str) -> list[dict[str, str]]:
@@ -308,12 +319,20 @@ class TeacherClient:
             for text in inputs
         ]
 
-    def label(self, spec: TeacherSpec, template: PromptTemplate, inputs: Sequence[str]) -> list[Answer]:
+    def label(
+        self, spec: TeacherSpec, template: PromptTemplate, inputs: Sequence[str], label: LabelSpec | None = None
+    ) -> list[Answer]:
         """Answer every input (blocking); see :meth:`alabel`."""
-        return asyncio.run(self.alabel(spec, template, inputs))
+        return asyncio.run(self.alabel(spec, template, inputs, label))
 
-    async def alabel(self, spec: TeacherSpec, template: PromptTemplate, inputs: Sequence[str]) -> list[Answer]:
-        """Answer every input, from the ledger where it can; raises BudgetExceeded after keeping what was paid."""
+    async def alabel(
+        self, spec: TeacherSpec, template: PromptTemplate, inputs: Sequence[str], label: LabelSpec | None = None
+    ) -> list[Answer]:
+        """Answer every input, from the ledger where it can; raises BudgetExceeded after keeping what was paid.
+
+        With ``label`` (the task's label spec) and a spec asking for log-probabilities, each new
+        answer's label distribution is computed and kept in the ledger with it.
+        """
         import litellm
 
         litellm.suppress_debug_info = True
@@ -325,7 +344,7 @@ class TeacherClient:
         for key, text in zip(keys, inputs, strict=True):
             entry = self.ledger.get(key)
             if entry is not None:
-                answers[key] = Answer(key, entry.response, None, True, entry.served_model)
+                answers[key] = Answer(key, entry.response, None, True, entry.served_model, entry.label_distribution)
             elif key not in todo:
                 todo[key] = text
         self.totals.inputs += len(inputs)
@@ -343,7 +362,7 @@ class TeacherClient:
                 except asyncio.QueueEmpty:
                     return
                 try:
-                    answers[key] = await self._answer(spec, template, key, text)
+                    answers[key] = await self._answer(spec, template, key, text, label)
                 except (BudgetExceeded, TeacherAuthError) as exc:
                     stop.append(exc)
                     return
@@ -361,21 +380,23 @@ class TeacherClient:
             raise stop[0]
         return [answers[key] for key in keys]
 
-    async def _answer(self, spec: TeacherSpec, template: PromptTemplate, key: str, text: str) -> Answer:
+    async def _answer(
+        self, spec: TeacherSpec, template: PromptTemplate, key: str, text: str, label: LabelSpec | None = None
+    ) -> Answer:
         messages = render_messages(template, text)
         error = None
         for model in filter(None, (spec.model, spec.fallback_model)):
             if model != spec.model:
                 self.totals.fallback_calls += 1
             try:
-                entry = await self._call_with_retries(spec, template, key, model, messages, text)
+                entry = await self._call_with_retries(spec, template, key, model, messages, text, label)
             except (BudgetExceeded, TeacherAuthError):
                 raise
             except Exception as exc:  # the provider's final word on this request; try the fallback
                 error = error_text(exc)[:_ERROR_CHARS]
                 log.warning("teacher %s failed on one input: %s", model, error)
                 continue
-            return Answer(key, entry.response, None, False, entry.served_model)
+            return Answer(key, entry.response, None, False, entry.served_model, entry.label_distribution)
         self.totals.failed += 1
         return Answer(key, None, error, False, None)
 
@@ -404,6 +425,7 @@ class TeacherClient:
         model: str,
         messages: list[dict[str, str]],
         text: str,
+        label: LabelSpec | None = None,
     ) -> LedgerEntry:
         import litellm
 
@@ -425,9 +447,10 @@ class TeacherClient:
                     timeout=settings.timeout_s,
                     # The retries are ours (shared pauses, Retry-After); the SDK's would double them.
                     max_retries=0,
+                    **({"logprobs": True, "top_logprobs": TOP_LOGPROBS} if spec.logprobs else {}),
                 )
                 latency_ms = (time.monotonic() - started) * 1000.0
-                return self._keep(spec, template, key, model, text, response, latency_ms)
+                return self._keep(spec, template, key, model, text, response, latency_ms, label)
             except litellm.AuthenticationError as exc:
                 raise TeacherAuthError(
                     f"{model}: the provider refused the API key ({error_text(exc)[:_ERROR_CHARS]})"
@@ -462,8 +485,14 @@ class TeacherClient:
         text: str,
         response: Any,
         latency_ms: float,
+        label: LabelSpec | None = None,
     ) -> LedgerEntry:
         content = redact(response.choices[0].message.content or "")
+        distribution = None
+        if spec.logprobs and label is not None:
+            distribution = to_json_keys(
+                distribution_from_logprobs(_logprob_positions(response), parse_label(content, label).label, label)
+            )
         usage = getattr(response, "usage", None)
         prompt_tokens = int(getattr(usage, "prompt_tokens", 0) or 0)
         completion_tokens = int(getattr(usage, "completion_tokens", 0) or 0)
@@ -484,7 +513,30 @@ class TeacherClient:
             priced_by=priced_by,
             latency_ms=latency_ms,
             created_at=utc_now(),
+            label_distribution=distribution,
         )
         self.ledger.record(entry)
         self.totals.add_paid_call(prompt_tokens, completion_tokens, cost)
         return entry
+
+
+def _logprob_positions(response: Any) -> list[dict[str, Any]]:
+    """The completion's per-token log-probabilities as plain dicts; empty where the provider sent none."""
+    logprobs = getattr(response.choices[0], "logprobs", None)
+    content = getattr(logprobs, "content", None) if logprobs is not None else None
+    if content is None and isinstance(logprobs, dict):
+        content = logprobs.get("content")
+    positions = []
+    for position in content or []:
+        raw = position if isinstance(position, dict) else position.model_dump()
+        positions.append(
+            {
+                "token": raw.get("token"),
+                "logprob": raw.get("logprob"),
+                "top_logprobs": [
+                    alt if isinstance(alt, dict) else {"token": alt.token, "logprob": alt.logprob}
+                    for alt in raw.get("top_logprobs") or []
+                ],
+            }
+        )
+    return positions

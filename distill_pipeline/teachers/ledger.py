@@ -86,6 +86,8 @@ class LedgerEntry:
     latency_ms: float
     created_at: str
     via: str = "chat"
+    # The teacher's probability per label value, when it was asked for log-probabilities.
+    label_distribution: dict[str, float] | None = None
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, ensure_ascii=False)
