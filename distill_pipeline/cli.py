@@ -1,4 +1,4 @@
-"""The command line: ``distill-pipeline demo | simulate | import | gold | predict``.
+"""The command line: ``distill-pipeline demo | simulate | import | gold | predict | serve``.
 
 A mistake of the user's (a path, a column, a value: :class:`UsageError` from the domain code, a
 missing file, a bad option) is one line on stderr with exit status 2; anything else is a bug,
@@ -186,6 +186,79 @@ def _predict(args: argparse.Namespace) -> int:
     return 0
 
 
+def _serve(args: argparse.Namespace) -> int:
+    import logging
+    from pathlib import Path
+
+    from distill_pipeline.core.store import open_store
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.serving.app import HttpLimits
+    from distill_pipeline.serving.server import ServeConfig, TeacherSettings, serve
+    from distill_pipeline.serving.students import LoadSettings, SmokeSettings
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # litellm logs every call at INFO; the server's own records say what each call did.
+    for noisy in ("LiteLLM", "litellm", "httpx"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    env = os.environ
+    teacher_model = args.teacher or (env.get("DISTILL_TEACHERS", "").split(",")[0].strip() or None)
+    teacher = None
+    if teacher_model:
+        teacher = TeacherSettings(
+            model=teacher_model,
+            prompt_id=args.teacher_prompt,
+            api_base=args.teacher_api_base or env.get("DISTILL_TEACHER_API_BASE") or None,
+            # Only from the environment: a key on the command line would show in `ps`.
+            api_key=env.get("DISTILL_TEACHER_API_KEY") or None,
+            rpm=args.teacher_rpm,
+            max_concurrency=args.teacher_concurrency,
+            timeout_s=args.teacher_timeout,
+            deadline_s=args.teacher_timeout * 1.5,
+            budget_usd=args.teacher_budget,
+        )
+    deployments = Path(args.deployments) if args.deployments else None
+    if deployments is not None and not deployments.is_file():
+        raise UsageError(f"no deployment file {args.deployments}: name a TOML or JSON file of [deployments.<name>]")
+    config = ServeConfig(
+        store=open_store(args.store),
+        task=load_task(args.task),
+        deployments_file=deployments,
+        default_mode=args.mode,
+        teacher=teacher,
+        load=LoadSettings(
+            device=args.device,
+            decoder_upstream=args.decoder_upstream or env.get("DISTILL_SERVE_DECODER_UPSTREAM") or None,
+            decoder_api_key=env.get("DISTILL_SERVE_DECODER_API_KEY") or None,
+            smoke=SmokeSettings(tolerance=args.smoke_tolerance, max_rows=args.smoke_rows),
+        ),
+        poll_s=args.poll_s,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        limits=HttpLimits(
+            max_body_bytes=args.max_body_bytes,
+            max_input_chars=args.max_input_chars,
+            input_mode=args.input_mode,
+            max_in_flight=args.max_in_flight,
+            admin_token=env.get("DISTILL_SERVE_ADMIN_TOKEN") or None,
+        ),
+        log_calls=not args.no_log,
+        log_flush_s=args.log_flush_s,
+    )
+    serve(config, args.host, args.port)
+    return 0
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -288,6 +361,50 @@ def build_parser() -> argparse.ArgumentParser:
         "'train' keeps the training set's share",
     )
     predict.set_defaults(run=_predict)
+
+    serve = commands.add_parser(
+        "serve",
+        help="serve the champion behind an OpenAI-compatible API, with the teacher as rollout and fallback",
+    )
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 in a container)")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.add_argument(
+        "--deployments", help="TOML or JSON file of [deployments.<name>] (mode, band, shares); re-read on change"
+    )
+    serve.add_argument(
+        "--mode",
+        choices=["dark", "hybrid", "canary", "full"],
+        default="dark",
+        help="without --deployments: the rollout of the one deployment, named after the task (default dark)",
+    )
+    serve.add_argument("--teacher", help="the teacher as a litellm model string (default: first of $DISTILL_TEACHERS)")
+    serve.add_argument("--teacher-prompt", default="simple_prompt", help="the task prompt /v1/classify asks it with")
+    serve.add_argument(
+        "--teacher-api-base", help="default: $DISTILL_TEACHER_API_BASE; the key: $DISTILL_TEACHER_API_KEY"
+    )
+    serve.add_argument("--teacher-rpm", type=_positive_float, help="requests per minute the teacher allows")
+    serve.add_argument("--teacher-concurrency", type=_positive_int, default=64, help="teacher calls in flight")
+    serve.add_argument("--teacher-timeout", type=_positive_float, default=20.0, help="seconds per teacher call")
+    serve.add_argument("--teacher-budget", type=_positive_float, help="the most this server may spend (USD)")
+    serve.add_argument("--device", default="cpu", help="cpu, cuda or cuda:N for an in-process student")
+    serve.add_argument(
+        "--decoder-upstream",
+        help="OpenAI-compatible server (vLLM --enable-lora, LoRAX) that serves decoder students by train id "
+        "(default: $DISTILL_SERVE_DECODER_UPSTREAM)",
+    )
+    serve.add_argument("--poll-s", type=_positive_float, default=30.0, help="how often champion/current.json is read")
+    serve.add_argument("--smoke-tolerance", type=float, default=0.02, help="accuracy a new champion may lose")
+    serve.add_argument("--smoke-rows", type=_positive_int, help="test rows in the smoke test (default: all)")
+    serve.add_argument("--max-batch", type=_positive_int, default=32, help="texts per forward pass")
+    serve.add_argument("--max-wait-ms", type=float, default=5.0, help="how long a batch waits for company")
+    serve.add_argument("--max-queue", type=_positive_int, default=1024, help="texts waiting before 429s")
+    serve.add_argument("--max-in-flight", type=_positive_int, default=512, help="requests at once before 503s")
+    serve.add_argument("--max-body-bytes", type=_positive_int, default=1 << 20)
+    serve.add_argument("--max-input-chars", type=_positive_int, default=20_000)
+    serve.add_argument("--input-mode", choices=["truncate", "refuse"], default="truncate", help="for longer inputs")
+    serve.add_argument("--log-flush-s", type=_positive_float, default=5.0, help="longest a log record waits")
+    serve.add_argument("--no-log", action="store_true", help="log no calls (a benchmark of the server alone)")
+    serve.set_defaults(run=_serve)
     return parser
 
 

@@ -7,6 +7,9 @@ HTTP. It serves:
 - ``POST /v1/chat/completions``: the scripted answer for the (model, user message), else a
   keyword rule that answers the toxicity task as GPT-4 did (a fenced ``{"is_bad": N}``);
   ``usage`` counted with litellm's tokenizer, so litellm's price map gives real costs;
+- ``POST /v1/completions``: a text completion, as vLLM serves a decoder student's LoRA adapter by
+  name: the scripted answer for the (model, prompt), else `` toxic`` or `` ok`` by the keyword
+  rule, with the first token's ``top_logprobs`` when ``logprobs`` is asked;
 - ``POST /v1/files``, ``GET /v1/files/{id}``, ``GET /v1/files/{id}/content``,
   ``POST /v1/batches``, ``GET /v1/batches/{id}``: an OpenAI-style batch that completes after
   ``batch_delay_s``, its output file answering every line as the chat endpoint would;
@@ -238,6 +241,29 @@ class TeacherServer:
         self.stats.paid_by_key[self._request_key(body)] += 1
         return web.json_response(payload)
 
+    async def completion(self, request: web.Request) -> web.Response:
+        self.stats.arrivals.append(time.time())
+        body = await request.json()
+        model, prompt = str(body.get("model", "")), str(body.get("prompt", ""))
+        fault = self._fault(time.time(), model)
+        if fault is not None:
+            self.stats.by_status[fault.status] += 1
+            return fault
+        if self.faults.latency_s:
+            await asyncio.sleep(self.faults.latency_s)
+        toxic = '"is_bad": 1' in default_answer(prompt)
+        answer = self.script.get((model, prompt)) or self.script.get(("*", prompt)) or (" toxic" if toxic else " ok")
+        choice: dict[str, Any] = {"index": 0, "text": answer, "finish_reason": "stop", "logprobs": None}
+        if body.get("logprobs"):
+            first = answer.split()[0] if answer.split() else answer
+            other = " ok" if first.strip() == "toxic" else " toxic"
+            choice["logprobs"] = {"tokens": [f" {first}"], "top_logprobs": [{f" {first}": -0.1, other: -2.4}]}
+        self.stats.by_status[200] += 1
+        return web.json_response(
+            {"id": f"cmpl-{uuid.uuid4().hex[:20]}", "object": "text_completion", "created": int(time.time()),
+             "model": model, "choices": [choice], "usage": {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}}
+        )  # fmt: skip
+
     async def upload_file(self, request: web.Request) -> web.Response:
         form = await request.post()
         upload = form.get("file")
@@ -388,6 +414,7 @@ class TeacherServer:
             [
                 web.post("/v1/chat/completions", self.chat),
                 web.post("/chat/completions", self.chat),
+                web.post("/v1/completions", self.completion),
                 web.post("/v1/files", self.upload_file),
                 web.get("/v1/files/{file_id}", self.get_file),
                 web.get("/v1/files/{file_id}/content", self.file_content),

@@ -261,6 +261,7 @@ def verdicts_for(inputs: list[str], labels: list[int | None], reasons: list[str 
             "t_detail": ["[]"] * n,
             "t_response": ['{"is_bad": 0}' if label is not None else None for label in labels],
             "t_reason": reasons,
+            "t_soft": pa.array([None] * n, pa.float64()),
         }
     )
 
@@ -286,3 +287,182 @@ def test_rows_no_teacher_answered_are_counted_apart_from_parse_failures(tmp_path
 def test_logged_mode_hands_nothing_to_teachers(tmp_path):
     stats, _, _ = run(tmp_path, [r("e", None, error="APITimeoutError")])
     assert (stats.to_teachers, stats.teacher_failures, stats.teacher_failure_rate) == (0, 0, 0.0)
+
+
+SERVED = '{"train_id": "s1", "label": 1, "confidence": 0.97, "latency_ms": 3.0}'
+
+
+def served_records(path: Path) -> Path:
+    """A served day: every call kind, the student's answer where it ran, and one call of each fault."""
+    rows = [
+        r("teacher", '{"is_bad": 1}', call_kind="teacher", served_by="teacher"),
+        r("shadow", '{"is_bad": 0}', call_kind="shadow", served_by="teacher", student=SERVED),
+        r("deferred", '{"is_bad": 0}', call_kind="deferred", served_by="teacher", student=SERVED),
+        r("sample", '{"is_bad": 0}', call_kind="sample", served_by="student", student=SERVED),
+        r("student", None, call_kind="student", served_by="student", student=SERVED),
+        r("fallback", None, error="APITimeoutError", call_kind="fallback", served_by="student", student=SERVED),
+        r("bare", None, student=SERVED),
+        r("shadow-error", None, error="RateLimitError: 429", call_kind="shadow", served_by="teacher", student=SERVED),
+    ]
+    write_records(path, rows)
+    table = pq.read_table(path)
+    for name in ("served_by", "call_kind", "student"):
+        table = table.append_column(name, pa.array([row.get(name) for row in rows], pa.string()))
+    pq.write_table(table, path)
+    return path
+
+
+def test_student_served_calls_are_neither_labels_nor_failures(tmp_path):
+    records = served_records(tmp_path / "records.parquet")
+    stats = label_records(records, TOXICITY, tmp_path / "work", tmp_path / "labels.parquet", tmp_path / "q.parquet")
+    labelled = {row["request_id"]: row["label"] for row in pq.read_table(tmp_path / "labels.parquet").to_pylist()}
+    reasons = {row["request_id"]: row["reason"] for row in pq.read_table(tmp_path / "q.parquet").to_pylist()}
+    # Labels from the teacher's response only: the student said 1 on every call, the teacher 0.
+    assert labelled == {"teacher": 1, "shadow": 0, "deferred": 0, "sample": 0}
+    assert reasons == {
+        "student": labels_module.STUDENT_SERVED_REASON,
+        "fallback": labels_module.STUDENT_SERVED_REASON,
+        "bare": labels_module.STUDENT_SERVED_REASON,
+        "shadow-error": "provider error: RateLimitError: 429",
+    }
+    assert (stats.student_served, stats.parse_failures, stats.parse_rate, stats.with_response) == (3, 0, 1.0, 4)
+
+    # A day the student served alone: nothing labelled, nothing failed.
+    alone = tmp_path / "alone"
+    only = pq.read_table(records).filter(pa.compute.field("call_kind") == "student")
+    alone.mkdir()
+    pq.write_table(only, alone / "records.parquet")
+    stats = label_records(alone / "records.parquet", TOXICITY, alone / "work", alone / "l.parquet", alone / "q.parquet")
+    assert (stats.rows_in, stats.labelled, stats.student_served, stats.parse_failures) == (1, 0, 1, 0)
+
+
+def test_fill_labels_student_served_calls_within_the_budget(tmp_path):
+    records = served_records(tmp_path / "records.parquet")
+    wanted = labels_module.inputs_for_teachers(records, TOXICITY, tmp_path / "inputs", "fill")
+    # The provider error is required; the student-served inputs come apart, to be asked last.
+    assert wanted.required == ["comment number 8"]
+    assert wanted.student_served == ["comment number 5", "comment number 6", "comment number 7"]
+    # The budget ran out after one student-served input: the other two get no verdict row.
+    verdicts = verdicts_for(["comment number 8", "comment number 5"], [1, 1], [None, None])
+    stats = label_records(
+        records, TOXICITY, tmp_path / "work", tmp_path / "labels.parquet", tmp_path / "q.parquet",
+        mode="fill", verdicts=verdicts,
+    )  # fmt: skip
+    labelled = {
+        row["request_id"]: row["label_source"] for row in pq.read_table(tmp_path / "labels.parquet").to_pylist()
+    }
+    assert labelled["student"] == "teacher" and labelled["shadow-error"] == "teacher" and labelled["shadow"] == "logged"
+    reasons = {row["request_id"]: row["reason"] for row in pq.read_table(tmp_path / "q.parquet").to_pylist()}
+    assert reasons == {"fallback": labels_module.STUDENT_SERVED_REASON, "bare": labels_module.STUDENT_SERVED_REASON}
+    assert (stats.to_teachers, stats.teacher_failures, stats.teacher_failure_rate) == (2, 0, 0.0)
+    assert (stats.student_served, stats.student_served_filled) == (2, 1)
+
+
+class _LedgerEntry:
+    def __init__(self, response: str) -> None:
+        self.response, self.served_model, self.label_distribution = response, "openai/teacher-a", None
+
+
+class _BudgetedClient:
+    """Answers ``budget`` calls, then raises BudgetExceeded as the real client does, having kept what it paid."""
+
+    def __init__(self, budget: int) -> None:
+        from distill_pipeline.teachers.client import RunTotals
+
+        self.totals, self.budget, self.paid = RunTotals(), budget, {}
+        self.ledger = self
+
+    def get(self, key: str):
+        return _LedgerEntry(self.paid[key]) if key in self.paid else None
+
+    def keys_for(self, spec, template, inputs):
+        return [f"{spec.model}|{text}" for text in inputs]
+
+    def label(self, spec, template, inputs, label=None):
+        from distill_pipeline.teachers.client import Answer, BudgetExceeded
+
+        answers = []
+        for key in self.keys_for(spec, template, inputs):
+            if key not in self.paid:
+                if self.budget == 0:
+                    raise BudgetExceeded("teacher budget reached", self.totals)
+                self.budget -= 1
+                self.paid[key] = '{"is_bad": 1}'
+            answers.append(Answer(key, self.paid[key], None, False, spec.model))
+        return answers
+
+
+def test_ask_teachers_keeps_paid_student_served_answers_when_the_budget_runs_out():
+    from distill_pipeline.teachers.client import BudgetExceeded, TeacherSpec
+    from distill_pipeline.teachers.relabel import ask_teachers
+
+    spec = TeacherSpec("openai/teacher-a", "simple_prompt", 0.0, 64)
+    client = _BudgetedClient(budget=3)
+    verdicts = ask_teachers(client, [spec], TOXICITY, ["a", "b"], optional=["c", "d", "e"])
+    assert verdicts.table.column("input").to_pylist() == ["a", "b", "c"]
+    assert verdicts.table.column("t_label").to_pylist() == [1, 1, 1] and verdicts.unasked == 2
+    # Required inputs still stop the run when the budget cannot pay for them.
+    with pytest.raises(BudgetExceeded):
+        ask_teachers(_BudgetedClient(budget=1), [spec], TOXICITY, ["a", "b"], optional=["c"])
+
+
+def test_a_logged_label_distribution_becomes_the_soft_label_when_it_is_one(tmp_path):
+    json_answer = '{"is_bad": 1}'
+    rows = [
+        r("soft", json_answer, label_distribution='{"0": 0.25, "1": 0.75}'),
+        r("one-key", json_answer, label_distribution='{"1": 1.0}'),
+        r("hard", json_answer),
+        # Not a distribution: the hard label stays, the soft one is left out rather than guessed.
+        r("sums-wrong", json_answer, label_distribution='{"0": 0.5, "1": 0.6}'),
+        r("unknown-key", json_answer, label_distribution='{"2": 1.0}'),
+        r("not-a-number", json_answer, label_distribution='{"0": "x", "1": 1.0}'),
+        r("not-an-object", json_answer, label_distribution="[0.2, 0.8]"),
+    ]
+    schema = RECORD_SCHEMA.append(pa.field("label_distribution", pa.string()))
+    full = [{**row, "label_distribution": row.get("label_distribution")} for row in rows]
+    records = tmp_path / "records.parquet"
+    write_records(records, [{k: v for k, v in row.items() if k != "label_distribution"} for row in rows])
+    table = pq.read_table(records).append_column(
+        "label_distribution", pa.array([row["label_distribution"] for row in full])
+    )
+    pq.write_table(table.cast(schema), records)
+    stats = label_records(records, TOXICITY, tmp_path / "work", tmp_path / "labels.parquet", tmp_path / "q.parquet")
+    soft = {row["request_id"]: row["soft_label"] for row in pq.read_table(tmp_path / "labels.parquet").to_pylist()}
+    assert stats.labelled == len(rows)
+    assert soft == {
+        "soft": 0.75,
+        "one-key": 1.0,
+        "hard": None,
+        "sums-wrong": None,
+        "unknown-key": None,
+        "not-a-number": None,
+        "not-an-object": None,
+    }
+
+
+def test_teachers_with_log_probabilities_give_soft_labels_one_teacher_alone_does_not_vote_one(monkeypatch):
+    from distill_pipeline.teachers.client import Answer, RunTotals, TeacherSpec
+    from distill_pipeline.teachers.relabel import ask_teachers
+
+    class Client:
+        totals = RunTotals()
+
+    def labeller_with(distributions):
+        def label(spec, template, inputs):
+            return [
+                Answer(f"{spec.model}-{i}", '{"is_bad": 1}', None, False, spec.model, distributions.get(spec.model))
+                for i, _ in enumerate(inputs)
+            ]
+
+        return label
+
+    a, b = TeacherSpec("openai/a"), TeacherSpec("openai/b")
+    both = labeller_with({"openai/a": {"0": 0.2, "1": 0.8}, "openai/b": {"0": 0.4, "1": 0.6}})
+    verdicts = ask_teachers(Client(), [a, b], TOXICITY, ["x"], labeller=both)
+    assert verdicts.table["t_soft"].to_pylist() == [pytest.approx(0.7)]
+    # Without distributions, two teachers' votes are still a share; one teacher's vote is no soft label.
+    plain = labeller_with({})
+    assert ask_teachers(Client(), [a, b], TOXICITY, ["x"], labeller=plain).table["t_soft"].to_pylist() == [1.0]
+    assert ask_teachers(Client(), [a], TOXICITY, ["x"], labeller=plain).table["t_soft"].to_pylist() == [None]
+    single = labeller_with({"openai/a": {"0": 0.1, "1": 0.9}})
+    assert ask_teachers(Client(), [a], TOXICITY, ["x"], labeller=single).table["t_soft"].to_pylist() == [0.9]

@@ -1,8 +1,11 @@
 """Teacher labels from logged responses: parse each response as the task says, quarantine the rest.
 
 Every record that comes in leaves as a labelled row or a quarantined row with its reason: the
-provider returned an error, the response could not be parsed (with the parser's reason), or the
-record belongs to another task. In the teacher modes a row's label comes instead from the
+provider returned an error, the response could not be parsed (with the parser's reason), the
+record belongs to another task, or the teacher gave no answer because the student served the call
+(:data:`STUDENT_SERVED_REASON`). A label only ever comes from a teacher's ``response``: the
+student's own answer (the record's ``student`` object) never becomes one, and a call the student
+served alone is neither a teacher failure nor a parse failure. In the teacher modes a row's label comes instead from the
 verdict of one or more configured teachers (``relabel.py`` asks them): for every row of the task
 (``relabel``), or only where the logged response gave none (``fill``). Responses repeat heavily (a classifier teacher answers in a
 handful of shapes), so each distinct response text is parsed once and joined back in DuckDB.
@@ -37,6 +40,9 @@ LABEL_COLUMNS = (
     "prompt_template_version",
     "input",
     "label",
+    # The teacher's P(positive) where it gave a distribution (a two-label task): logged with the
+    # call, from log-probabilities, or the vote shares of several teachers. Null: a hard label only.
+    "soft_label",
     "parse_method",
     "source_key",
     "source_line",
@@ -53,6 +59,10 @@ class LabelStats:
     #: Rows whose label was asked of teachers (``relabel``, ``fill``), and those no teacher answered.
     to_teachers: int = 0
     teacher_failures: int = 0
+    #: Calls the student served with no teacher answer (call kinds ``student`` and ``fallback``),
+    #: left unlabelled; and those of them the teachers labelled (``relabel``, ``fill``).
+    student_served: int = 0
+    student_served_filled: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
     label_counts: dict[int, int] = field(default_factory=dict)
     methods: dict[str, int] = field(default_factory=dict)
@@ -88,8 +98,13 @@ VERDICT_COLUMNS = (
     "t_detail",
     "t_response",
     "t_reason",
+    "t_soft",
 )
 LabelMode = Literal["logged", "relabel", "fill"]
+#: Why a call the student served alone has no label: not a failure of the teacher nor of the parser.
+STUDENT_SERVED_REASON = "no teacher answer (student-served)"
+#: The serving columns of a version 2 ``raw_logs`` table; a table written before them reads as NULLs.
+SERVING_COLUMNS = ("served_by", "call_kind", "student", "label_distribution")
 LABEL_MODES: tuple[LabelMode, ...] = ("logged", "relabel", "fill")
 REDACT_FUNCTION = "redact_secrets"
 
@@ -108,9 +123,21 @@ def _connect(workdir: Path) -> duckdb.DuckDBPyConnection:
     return con
 
 
+# The teacher did not answer a call the student served: it was not asked (``student``), or failed and
+# the student's answer went out instead (``fallback``). A record without ``call_kind`` (another
+# writer) is the student's when it says so, or when it carries only the student's answer.
+_STUDENT_SERVED_SQL = """(r.response IS NULL AND CASE
+    WHEN r.call_kind IS NOT NULL THEN r.call_kind IN ('student', 'fallback')
+    ELSE r.served_by = 'student' OR (r.student IS NOT NULL AND r.error IS NULL)
+END)"""
+
+
 def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task) -> None:
     """A ``logged`` table: every record with the label its logged response gives, or why none."""
-    con.execute(f"CREATE VIEW records AS SELECT * FROM read_parquet({duck.sql_string(str(records_path))})")
+    source = f"read_parquet({duck.sql_string(str(records_path))})"
+    present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    absent = "".join(f", NULL::VARCHAR AS {name}" for name in SERVING_COLUMNS if name not in present)
+    con.execute(f"CREATE VIEW records AS SELECT *{absent} FROM {source}")
     responses = [
         row[0] for row in con.execute("SELECT DISTINCT response FROM records WHERE response IS NOT NULL").fetchall()
     ]
@@ -129,9 +156,12 @@ def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task)
         f"""
         CREATE TABLE logged AS
         SELECT r.*, p.label AS logged_label, p.parse_method AS logged_method,
+            {_logged_soft_sql(task)} AS logged_soft,
             r.task IS NULL OR r.task = {task_id} AS of_task,
+            {_STUDENT_SERVED_SQL} AS student_served,
             CASE
                 WHEN r.task IS NOT NULL AND r.task <> {task_id} THEN 'record of another task: ' || left(r.task, 40)
+                WHEN {_STUDENT_SERVED_SQL} THEN '{STUDENT_SERVED_REASON}'
                 WHEN r.error IS NOT NULL AND r.response IS NULL
                     THEN 'provider error: ' || left({REDACT_FUNCTION}(r.error), {REASON_CHARS})
                 WHEN p.label IS NULL THEN 'unparseable response: ' || coalesce(p.parse_error, 'no response')
@@ -142,19 +172,63 @@ def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task)
     con.unregister("parsed")
 
 
-def inputs_for_teachers(records_path: Path, task: Task, workdir: Path, mode: LabelMode) -> list[str]:
+def _logged_soft_sql(task: Task) -> str:
+    """SQL for a record's P(positive) from its logged ``label_distribution``: NULL unless every key
+    is a label value, every probability a JSON number in [0, 1], and they sum to 1 (within 1e-3),
+    as :func:`~distill_pipeline.teachers.soft.from_json_keys` asks of one."""
+    label = task.label
+    if label.positive is None or len(label.values) != 2:
+        return "NULL::DOUBLE"
+    keys = ", ".join(f"'{value}'" for value in label.values)
+    entries = "TRY_CAST(r.label_distribution AS JSON)"
+
+    def number(key: str) -> str:
+        path = f"""'$."' || {key} || '"'"""
+        return (
+            f"CASE WHEN json_type({entries}, {path}) IN ('DOUBLE', 'BIGINT', 'UBIGINT') "
+            f"THEN CAST(json_extract_string({entries}, {path}) AS DOUBLE) END"
+        )
+
+    valid = f"""(
+        json_type({entries}) = 'OBJECT'
+        AND list_has_all([{keys}], json_keys({entries}))
+        AND list_bool_and(list_transform(json_keys({entries}), lambda k: coalesce({number("k")} BETWEEN 0 AND 1, false)))
+        AND abs(list_sum(list_transform(json_keys({entries}), lambda k: {number("k")})) - 1) <= 1e-3
+    )"""
+    positive = number(f"'{label.positive}'")
+    return f"CASE WHEN r.label_distribution IS NOT NULL AND {valid} THEN coalesce({positive}, 0.0) END"
+
+
+@dataclass(frozen=True)
+class TeacherInputs:
+    """The distinct inputs a teacher mode hands to teachers, in log order.
+
+    ``required`` are the rows the labels need (every row in ``relabel``; those whose logged answer
+    gave no label in ``fill``). ``student_served`` are the inputs only calls the student served
+    alone have: worth a label, never worth failing the run for, so they are asked last and within
+    the budget (see :func:`~distill_pipeline.teachers.relabel.ask_teachers`).
+    """
+
+    required: list[str]
+    student_served: list[str]
+
+    def __len__(self) -> int:
+        return len(self.required) + len(self.student_served)
+
+
+def inputs_for_teachers(records_path: Path, task: Task, workdir: Path, mode: LabelMode) -> TeacherInputs:
     """The distinct inputs teachers must answer in ``mode``: all of the task's, or those without a logged label."""
     if mode == "logged":
-        return []
+        return TeacherInputs([], [])
     con = _connect(workdir)
     try:
         _logged_view(con, records_path, task)
         wanted = "of_task" if mode == "relabel" else "of_task AND logged_label IS NULL"
         rows = con.execute(
-            f"SELECT input FROM logged WHERE {wanted} AND input IS NOT NULL GROUP BY input ORDER BY min(source_key), "
-            "min(source_line)"
+            f"SELECT input, bool_and(student_served) FROM logged WHERE {wanted} AND input IS NOT NULL GROUP BY input "
+            "ORDER BY min(source_key), min(source_line)"
         ).fetchall()
-        return [row[0] for row in rows]
+        return TeacherInputs([row[0] for row in rows if not row[1]], [row[0] for row in rows if row[1]])
     finally:
         con.close()
 
@@ -174,8 +248,10 @@ def label_records(
 
     ``logged`` parses each logged response. ``relabel`` takes every row's label from the
     teachers' ``verdicts`` (see :data:`VERDICT_COLUMNS`); ``fill`` takes it from them only where
-    the logged response gave none (a provider error, an unparseable answer). In both, rows where
-    teachers disagree go to ``review_path`` for a human.
+    the logged response gave none (a provider error, an unparseable answer, a call the student
+    served alone). In both, rows where teachers disagree go to ``review_path`` for a human. A
+    student-served row with no verdict (the budget ran out before its turn) stays unlabelled as
+    :data:`STUDENT_SERVED_REASON`, not as a teacher failure.
     """
     if mode != "logged" and verdicts is None:
         raise ValueError(f"label mode {mode!r} needs the teachers' verdicts")
@@ -184,7 +260,8 @@ def label_records(
         _logged_view(con, records_path, task)
         if mode == "logged":
             con.execute(
-                "CREATE TABLE judged AS SELECT * EXCLUDE (logged_label, logged_method, logged_reason, of_task), "
+                "CREATE TABLE judged AS SELECT * EXCLUDE (logged_label, logged_method, logged_reason, of_task, logged_soft), "
+                "'logged' AS label_source, logged_soft AS soft_label, "
                 "logged_label AS label, logged_method AS parse_method, logged_reason AS reason, "
                 "response IS NOT NULL AND (logged_reason IS NULL OR logged_reason LIKE 'unparseable%') AS answered "
                 "FROM logged"
@@ -219,6 +296,10 @@ def label_records(
         stats = LabelStats()
         stats.rows_in = con.execute("SELECT count(*) FROM judged").fetchone()[0]
         stats.with_response = con.execute("SELECT count(*) FROM judged WHERE answered").fetchone()[0]
+        stats.student_served, stats.student_served_filled = con.execute(
+            f"SELECT count(*) FILTER (WHERE reason = '{STUDENT_SERVED_REASON}'), "
+            "count(*) FILTER (WHERE student_served AND reason IS NULL AND label_source = 'teacher') FROM judged"
+        ).fetchone()
         if mode != "logged":
             stats.to_teachers, stats.teacher_failures = con.execute(
                 "SELECT count(*), count(*) FILTER (WHERE NOT coalesce(answered, false)) "
@@ -254,6 +335,9 @@ def _judge_with_verdicts(con: duckdb.DuckDBPyConnection, verdicts: pa.Table | No
         raise ValueError(f"teacher verdicts lack columns {sorted(missing)}")
     con.register("verdicts", verdicts.select(list(VERDICT_COLUMNS)))
     use = "l.of_task" if mode == "relabel" else "l.of_task AND l.logged_label IS NULL"
+    # A student-served row the teachers were not asked about (the budget ran out) keeps its logged
+    # outcome, STUDENT_SERVED_REASON, rather than counting as a row no teacher answered.
+    use += " AND NOT (l.student_served AND v.input IS NULL)"
     con.execute(
         f"""
         CREATE TABLE judged AS
@@ -264,6 +348,7 @@ def _judge_with_verdicts(con: duckdb.DuckDBPyConnection, verdicts: pa.Table | No
                 AS prompt_template_version,
             CASE WHEN t.use_teacher THEN v.t_response ELSE l.response END AS response,
             CASE WHEN t.use_teacher THEN v.t_label ELSE l.logged_label END AS label,
+            CASE WHEN t.use_teacher THEN v.t_soft ELSE l.logged_soft END AS soft_label,
             CASE WHEN t.use_teacher THEN v.t_method ELSE l.logged_method END AS parse_method,
             CASE
                 WHEN NOT t.use_teacher THEN l.logged_reason
@@ -279,8 +364,8 @@ def _judge_with_verdicts(con: duckdb.DuckDBPyConnection, verdicts: pa.Table | No
                 ELSE l.response IS NOT NULL AND (l.logged_reason IS NULL OR l.logged_reason LIKE 'unparseable%')
             END AS answered
         FROM logged l
-        CROSS JOIN LATERAL (SELECT {use} AS use_teacher) t
         LEFT JOIN verdicts v ON v.input = l.input
+        CROSS JOIN LATERAL (SELECT {use} AS use_teacher) t
         """
     )
     con.unregister("verdicts")

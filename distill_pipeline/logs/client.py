@@ -25,9 +25,10 @@ import threading
 import time
 import uuid
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, Protocol, Self
 
 from distill_pipeline.core.backoff import backoff_delay_s
 from distill_pipeline.core.store import ObjectStore
@@ -38,6 +39,15 @@ _log = logging.getLogger(__name__)
 MIB = 1 << 20
 
 _WRITER_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,99}")
+
+
+class Loggable(Protocol):
+    """What the logger writes: a log record, or any line of a stream of its own (feedback events)."""
+
+    @property
+    def day(self) -> str: ...
+
+    def to_json(self) -> str: ...
 
 
 class LogQueueFull(RuntimeError):
@@ -97,6 +107,9 @@ class TeacherLogger:
     Once ``retries_before_error`` attempts in a row have failed, ``flush`` and ``close`` raise
     :class:`LogFlushError`.
 
+    ``object_key`` names an object from its day and a unique name: log objects by default, or
+    another stream's (``logs.schema.feedback_object_key`` for feedback events).
+
     Thread-safe: any number of threads may call ``log`` while one background thread writes.
     Use it as a context manager or call ``close``; an unclosed logger is closed at exit.
     """
@@ -114,6 +127,7 @@ class TeacherLogger:
         retry_base_delay_s: float = 0.1,
         retry_max_delay_s: float = 30.0,
         retries_before_error: int = 5,
+        object_key: Callable[[str, str], str] = log_object_key,
     ) -> None:
         writer_id = writer_id or default_writer_id()
         if not _WRITER_ID.fullmatch(writer_id):
@@ -132,6 +146,7 @@ class TeacherLogger:
         self.retry_base_delay_s = retry_base_delay_s
         self.retry_max_delay_s = retry_max_delay_s
         self.retries_before_error = retries_before_error
+        self.object_key = object_key
 
         self._lock = threading.Lock()
         self._work = threading.Condition(self._lock)  # wakes the writer thread
@@ -161,7 +176,7 @@ class TeacherLogger:
 
     # -- the caller's side -------------------------------------------------------------------
 
-    def log(self, record: LogRecord) -> None:
+    def log(self, record: Loggable) -> None:
         """Queue ``record`` for writing and return; blocks only while the queue is full."""
         # Serialise in the caller: a later mutation of ``record`` cannot leak into the log, and a
         # bad timestamp or unserialisable field fails here, not in the writer thread.
@@ -323,7 +338,7 @@ class TeacherLogger:
             seq = self._seq
             self._seq += 1
         objects = {
-            log_object_key(day, f"{self.writer_id}-{seq:06d}-{uuid.uuid4().hex[:8]}"): lines
+            self.object_key(day, f"{self.writer_id}-{seq:06d}-{uuid.uuid4().hex[:8]}"): lines
             for day, lines in lines_by_day.items()
         }
         return _Batch(records, objects)
