@@ -15,6 +15,7 @@ from distill_pipeline.core.task import MonitoringConfig, TaskConfigError, load_t
 from distill_pipeline.demo.simulator import TrafficProfile, generate_traffic
 from distill_pipeline.logs.freshness import log_day, scan_for_fresh_days
 from distill_pipeline.monitoring import drift
+from distill_pipeline.monitoring.feedback import feedback_rates
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +152,16 @@ def test_feedback_rates_per_model(tmp_path: Path) -> None:
         json.dumps({"thumbs": "DOWN", "comment": "wrong"}),
         None,
     ]
-    models = ["teacher-a", "teacher-a", "teacher-a", "teacher-a", "student", "student"]
+    models = ["teacher-a", "teacher-a", "teacher-a", "teacher-a", "teacher-b", "teacher-b"]
     path = tmp_path / "records.parquet"
-    pq.write_table(pa.table({"model": models, "feedback": feedback}), path)
-    rates = {r.model: r for r in drift.feedback_rates(path)}
+    ids = [f"r{i}" for i in range(len(models))]
+    pq.write_table(pa.table({"request_id": ids, "model": models, "feedback": feedback}), path)
+    # A version 1 table (no serving columns): every call is the teacher's.
+    rates = {r.model: r for r in feedback_rates(path)}
     assert (rates["teacher-a"].calls, rates["teacher-a"].with_feedback) == (4, 3)
     assert (rates["teacher-a"].thumbs_up, rates["teacher-a"].thumbs_down, rates["teacher-a"].regenerated) == (1, 1, 1)
-    assert rates["student"].thumbs_down_rate == 0.5 and rates["student"].regenerate_rate == 0.0
+    assert rates["teacher-b"].thumbs_down_rate == 0.5 and rates["teacher-b"].regenerate_rate == 0.0
+    assert {r.served_by for r in rates.values()} == {"teacher"}
 
 
 def test_report_renders_with_history_plots() -> None:

@@ -8,6 +8,13 @@ a long tail of long comments) and the faults of real log objects (truncated line
 not JSON, records missing a field or with a wrongly typed one, a record written twice, invalid
 UTF-8), each counted in the summary so ingestion's accounting can be checked against it.
 
+With a rollout mode (``TrafficProfile.rollout``) the traffic is served the way ``distill-pipeline
+serve`` logs it: a student stand-in answers beside the teacher or instead of it, agreeing with the
+teacher at a configurable rate (its confidence calibrated to that rate), each call says who served
+it and the part each model played (``call_kind``), and end users' late verdicts (thumbs down and
+regenerate, likelier on a wrong answer) are appended to the feedback stream. Without one, the
+output is the teacher-only traffic above, byte for byte.
+
 Everything is drawn from numpy generators seeded by ``(seed, day)``, so a day's objects are the
 same bytes whichever other days are simulated with it. Strings are built column-wise with Arrow
 compute kernels and JSON-encoded by DuckDB; Python touches single records only for the few
@@ -22,7 +29,7 @@ import re
 import string
 import tempfile
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -38,7 +45,14 @@ from distill_pipeline.core.store import ObjectStore
 from distill_pipeline.core.task import PromptTemplate, Task
 from distill_pipeline.data.gold import GOLD_LABEL, GOLD_TEXT
 from distill_pipeline.logs.importer import log_line_sql, object_payloads, publish_day_objects, read_source_table
-from distill_pipeline.logs.schema import SCHEMA_FIELDS, SCHEMA_VERSION
+from distill_pipeline.logs.schema import (
+    ROLLOUT_MODES,
+    SCHEMA_FIELDS,
+    SCHEMA_VERSION,
+    FeedbackEvent,
+    encode_log_object,
+    feedback_object_key,
+)
 
 # --- what the comments are made of -------------------------------------------------------------
 # The word lists and templates are data, in words/ beside this module: comments.json holds what
@@ -163,6 +177,25 @@ class TrafficProfile:
     spanish_share: float = 0.0
     prompt_usd_per_million_tokens: float = 10.0
     completion_usd_per_million_tokens: float = 30.0
+    # Served traffic: None writes teacher-only logs; 'dark', 'hybrid', 'canary' or 'full' puts a
+    # student stand-in in front of users the way that rollout mode does.
+    rollout: str | None = None
+    student_train_id: str = "sim-student"
+    # How often the student's label is the teacher's (the truth's where the teacher gave none).
+    student_agreement: float = 0.93
+    # Of the calls the student answers, the share the teacher is also asked about (call kind sample).
+    sample_share: float = 0.2
+    # canary: the share of users the student serves; hybrid: the confidence it answers from.
+    canary_share: float = 0.3
+    hybrid_threshold: float = 0.9
+    student_latency_ms: float = 15.0
+    # End users' verdicts on served answers, by whether the answer they got was right.
+    thumbs_down_right: float = 0.02
+    thumbs_down_wrong: float = 0.3
+    regenerate_right: float = 0.01
+    regenerate_wrong: float = 0.15
+    # Verdicts arrive up to this many days after the call.
+    feedback_lag_days: int = 2
 
     def __post_init__(self) -> None:
         rates = ("toxic_rate", "teacher_accuracy", "reasoning_prompt_share", "error_rate", "empty_rate")
@@ -181,6 +214,17 @@ class TrafficProfile:
             raise ValueError("spanish_share must be within [0, 1]")
         if self.n_users < 1 or self.records_per_object < 1:
             raise ValueError("n_users and records_per_object must be positive")
+        if self.rollout is not None and self.rollout not in ROLLOUT_MODES:
+            raise ValueError(f"rollout must be one of {', '.join(ROLLOUT_MODES)} (or None for teacher-only traffic)")
+        served_rates = (
+            "student_agreement", "sample_share", "canary_share", "hybrid_threshold", "thumbs_down_right",
+            "thumbs_down_wrong", "regenerate_right", "regenerate_wrong",
+        )  # fmt: skip
+        for name in served_rates:
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be within [0, 1]")
+        if self.feedback_lag_days < 0 or self.student_latency_ms < 0:
+            raise ValueError("feedback_lag_days and student_latency_ms must not be negative")
 
 
 @dataclass(frozen=True)
@@ -198,6 +242,12 @@ class SimulationSummary:
     teacher_accuracy: float
     #: Rows of the gold table written (0: none was).
     gold_rows: int = 0
+    #: Served traffic only: valid records per call kind, the stand-in's agreement with the teacher
+    #: where both answered, and the feedback events written to the stream.
+    call_kinds: dict[str, int] = field(default_factory=dict)
+    student_agreement: float = 0.0
+    feedback_events: int = 0
+    feedback_keys: tuple[str, ...] = ()
 
 
 def simulate_traffic(
@@ -231,6 +281,9 @@ def simulate_traffic(
     formats = np.zeros(len(RESPONSE_FORMATS), np.int64)
     users: set[str] = set()
     lines_written = positives = answered = correct = 0
+    call_kinds: dict[str, int] = {}
+    pairs = agreed = 0
+    feedback_events: dict[str, list[str]] = {}
     truth_by_text: dict[str, int | None] = {}
     con = duckdb.connect()
     try:
@@ -250,6 +303,15 @@ def simulate_traffic(
             has_answer = ~np.isnan(teacher)
             answered += int(has_answer.sum())
             correct += int((teacher[has_answer] == truth[has_answer]).sum())
+            if drawn.served is not None:
+                served = drawn.served
+                for kind, count in zip(*np.unique(served.call_kind[valid], return_counts=True), strict=True):
+                    call_kinds[str(kind)] = call_kinds.get(str(kind), 0) + int(count)
+                both = valid & ~np.isnan(drawn.teacher) & ~np.isnan(served.student_label)
+                pairs += int(both.sum())
+                agreed += int((served.student_label[both] == drawn.teacher[both]).sum())
+                for event in (e for e, row in zip(served.events, served.event_rows, strict=True) if valid[row]):
+                    feedback_events.setdefault(event.day, []).append(event.to_json())
             if gold_fraction > 0:
                 texts = drawn.table["input"].filter(pa.array(valid)).to_pylist()
                 for text, value in zip(texts, truth.tolist(), strict=True):
@@ -262,6 +324,11 @@ def simulate_traffic(
     gold_rows = 0
     if gold_fraction > 0:
         gold_rows = _write_gold_sample(store, truth_by_text, gold_fraction, seed)
+    feedback_keys = []
+    for event_day, lines in sorted(feedback_events.items()):
+        key = feedback_object_key(event_day, f"sim-{seed}-{'-'.join(days[:1])}-{len(days)}d")
+        store.put_bytes(key, encode_log_object(lines))
+        feedback_keys.append(key)
     valid_records = lines_written - int(malformed[1:].sum())
     return SimulationSummary(
         days=tuple(days),
@@ -274,6 +341,10 @@ def simulate_traffic(
         true_positive_rate=positives / valid_records if valid_records else 0.0,
         teacher_accuracy=correct / answered if answered else 0.0,
         gold_rows=gold_rows,
+        call_kinds=call_kinds,
+        student_agreement=agreed / pairs if pairs else 0.0,
+        feedback_events=sum(len(lines) for lines in feedback_events.values()),
+        feedback_keys=tuple(feedback_keys),
     )
 
 
@@ -330,6 +401,15 @@ class _DrawnDay:
     truth: np.ndarray
     teacher: np.ndarray  # the teacher's label, NaN where it gave none
     rng: np.random.Generator  # to keep drawing from (faults, batch sizes)
+    served: _ServedCalls | None = None  # with a rollout mode: who answered each call, and the feedback
+
+
+@dataclass(frozen=True)
+class _ServedCalls:
+    call_kind: np.ndarray  # str per call
+    student_label: np.ndarray  # float, NaN where the student did not run
+    events: list[FeedbackEvent]
+    event_rows: list[int]  # the call each event is about
 
 
 class _TrafficSource:
@@ -476,7 +556,116 @@ class _TrafficSource:
                 "text_kind": pa.array(_TEXT_KINDS).take(kind),
             }
         )
-        return _DrawnDay(table, line_kind, duplicate_of, response_format, truth, teacher, rng)
+        if profile.rollout is None:
+            return _DrawnDay(table, line_kind, duplicate_of, response_format, truth, teacher, rng)
+        # A generator of its own, so the calls themselves are the same bytes as without a rollout.
+        serving_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 3, date.toordinal()]))
+        table, teacher, served = self._serve(serving_rng, table, truth, teacher, millis, date)
+        return _DrawnDay(table, line_kind, duplicate_of, response_format, truth, teacher, rng, served)
+
+    def _serve(
+        self,
+        rng: np.random.Generator,
+        table: pa.Table,
+        truth: np.ndarray,
+        teacher: np.ndarray,
+        millis: np.ndarray,
+        date: dt.date,
+    ) -> tuple[pa.Table, np.ndarray, _ServedCalls]:
+        """The day's calls as a deployment in ``profile.rollout`` mode answers and logs them."""
+        profile, n = self.profile, len(truth)
+        values = np.array(self.task.label.values)
+        failed = table["error"].is_valid().to_numpy(zero_copy_only=False) & np.isnan(teacher)
+        # The stand-in's confidence is calibrated: it agrees with the teacher as often as it is sure.
+        strength = 10.0
+        confidence = np.clip(
+            rng.beta(profile.student_agreement * strength, (1 - profile.student_agreement) * strength + 1e-9, size=n),
+            0.5,
+            0.999,
+        )
+        reference = np.where(np.isnan(teacher), truth, teacher)
+        agrees = rng.random(n) < confidence
+        others = (np.searchsorted(values, reference) + rng.integers(1, len(values), size=n)) % len(values)
+        student_label = np.where(agrees, reference, values[others]).astype(float)
+
+        mode = profile.rollout
+        if mode == "dark":
+            student_serves = np.zeros(n, bool)
+            student_ran = np.ones(n, bool)
+        elif mode == "hybrid":
+            student_serves = confidence >= profile.hybrid_threshold
+            student_ran = np.ones(n, bool)
+        elif mode == "canary":
+            users = table["user_id"].to_pylist()
+            student_serves = np.array([_user_bucket(user) < profile.canary_share for user in users], bool)
+            student_ran = student_serves
+        else:
+            student_serves = np.ones(n, bool)
+            student_ran = np.ones(n, bool)
+        sampled = student_serves & (rng.random(n) < profile.sample_share)
+        teacher_kind = {"dark": "shadow", "hybrid": "deferred"}.get(str(mode), "teacher")
+        call_kind = np.where(student_serves, np.where(sampled, "sample", "student"), teacher_kind).astype(object)
+        fallback = ~student_serves & student_ran & failed
+        call_kind[fallback] = "fallback"
+        teacher_asked = ~(call_kind == "student")
+        served_by = np.where(student_serves | fallback, "student", "teacher")
+
+        student_label = np.where(student_ran, student_label, np.nan)
+        teacher = np.where(teacher_asked, teacher, np.nan)
+        alone = pa.array(~teacher_asked)
+        student_ms = np.round(rng.lognormal(np.log(profile.student_latency_ms), 0.3, size=n), 1)
+        label_values = pa.array(np.nan_to_num(student_label, nan=values[0]).astype(np.int64))
+        student = pa.StructArray.from_arrays(
+            [
+                pa.repeat(profile.student_train_id, n),
+                label_values,
+                pa.array(np.round(confidence, 4)),
+                pa.array(student_ms),
+            ],
+            names=["train_id", "label", "confidence", "latency_ms"],
+            mask=pa.array(~student_ran),
+        )
+        columns = {
+            "served_by": pa.array(served_by.astype(str)),
+            "rollout": pa.repeat(str(mode), n),
+            "call_kind": pa.array(call_kind.astype(str)),
+            "student": student,
+            "response": pc.if_else(alone, pa.nulls(n, pa.string()), table["response"]),
+            "usage": pc.if_else(alone, pa.nulls(n, table["usage"].type), table["usage"]),
+            "cost_usd": pc.if_else(alone, 0.0, table["cost_usd"]),
+            "latency_ms": pc.if_else(alone, pa.array(student_ms), table["latency_ms"]),
+        }
+        for name, column in columns.items():
+            table = (
+                table.append_column(name, column)
+                if name not in table.column_names
+                else table.set_column(table.column_names.index(name), name, column)
+            )
+
+        # What the user got, and what they made of it.
+        answer = np.where(served_by == "student", student_label, teacher)
+        wrong = ~np.isnan(answer) & (answer != truth)
+        got_answer = ~np.isnan(answer)
+        down = got_answer & (rng.random(n) < np.where(wrong, profile.thumbs_down_wrong, profile.thumbs_down_right))
+        regenerate = got_answer & (rng.random(n) < np.where(wrong, profile.regenerate_wrong, profile.regenerate_right))
+        delay_ms = rng.integers(60_000, max(1, profile.feedback_lag_days) * 86_400_000 + 60_000, size=n)
+        if profile.feedback_lag_days == 0:
+            delay_ms = np.minimum(delay_ms, 86_400_000 - 1 - millis)
+        stamps = np.datetime_as_string(
+            np.datetime64(date.isoformat()) + (millis + delay_ms).astype("timedelta64[ms]"), unit="ms"
+        )
+        request_ids = table["request_id"].to_pylist()
+        user_ids = table["user_id"].to_pylist()
+        events, rows = [], []
+        for row in np.flatnonzero(down | regenerate).tolist():
+            verdict: dict[str, Any] = {}
+            if down[row]:
+                verdict["thumbs"] = "down"
+            if regenerate[row]:
+                verdict["regenerate"] = True
+            events.append(FeedbackEvent(request_ids[row], verdict, user_ids[row], f"{stamps[row]}Z"))
+            rows.append(row)
+        return table, teacher, _ServedCalls(call_kind.astype(str), student_label, events, rows)
 
     def _generated_texts(self, rng: np.random.Generator, n: int) -> tuple[pa.Array, np.ndarray, np.ndarray]:
         profile = self.profile
@@ -642,6 +831,13 @@ _TOPIC_SIZES = np.array([len(nouns) for nouns in TOPIC_NOUNS.values()])
 _TOPIC_STARTS = np.concatenate([[0], np.cumsum(_TOPIC_SIZES)[:-1]])
 _SLOT_ARRAYS = {slot: pa.array(words) for slot, words in SLOT_WORDS.items()}
 _FORMATTER = string.Formatter()
+
+
+def _user_bucket(user_id: str) -> float:
+    """A user's place in [0, 1), the same on every day: a canary serves the same users throughout."""
+    import hashlib
+
+    return int.from_bytes(hashlib.sha256(user_id.encode()).digest()[:8], "big") / 2**64
 
 
 def _fill(template: str, topic: np.ndarray, rng: np.random.Generator) -> pa.Array:

@@ -17,6 +17,14 @@ sample, the champion's training set:
 - **shadow agreement**: the champion labels the day's inputs (a dark launch: nobody sees its
   answers) and its agreement with the teacher's logged answers is compared with its agreement on
   the frozen in-distribution test set.
+- **live agreement**: on served traffic (``live.py``), the served champion's own answers against
+  the teacher's labels on shadow and sample pairs, with a Wilson interval; it signals when the
+  whole interval lies more than ``live_agreement_margin`` below the test-set agreement, so a
+  small day's noise never triggers retraining. Where the day has enough such pairs, it replaces
+  the shadow evaluation (the same question, answered by the student that served).
+
+Input statistics use every call of the day (the student-served ones too: inputs need no teacher);
+the label rate uses the teacher's labels of calls it answered for a reason unrelated to the input.
 
 Samples are bounded (``MonitoringConfig``), so a report costs seconds on a CPU whatever the
 day's volume. Nothing here imports Dagster; torch and transformers load only to embed.
@@ -27,13 +35,14 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from distill_pipeline.core.normalise import normalised_text
 from distill_pipeline.core.task import MonitoringConfig
+from distill_pipeline.monitoring.feedback import FeedbackRates
+from distill_pipeline.monitoring.live import LiveReport
 
 # PSI bins: the reference's deciles; empty bins get this share so the log stays finite.
 PSI_BINS = 10
@@ -45,7 +54,8 @@ OOV_INCREASE = "oov_rate_increase"
 EMBEDDING_MMD = "embedding_mmd"
 LABEL_RATE_SHIFT = "label_rate_shift"
 AGREEMENT_DROP = "shadow_agreement_drop"
-SIGNALS = (LENGTH_PSI, OOV_INCREASE, EMBEDDING_MMD, LABEL_RATE_SHIFT, AGREEMENT_DROP)
+LIVE_AGREEMENT_DROP = "live_agreement_drop"
+SIGNALS = (LENGTH_PSI, OOV_INCREASE, EMBEDDING_MMD, LABEL_RATE_SHIFT, AGREEMENT_DROP, LIVE_AGREEMENT_DROP)
 
 
 def seeded_sample(values: Sequence[Any], n: int, seed: int) -> list[Any]:
@@ -259,60 +269,6 @@ def shadow_evaluation(
     )
 
 
-# --- slow evals: user feedback per model ---------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class FeedbackRates:
-    """How users reacted to one model's answers on one day (the playbook's slow evals)."""
-
-    model: str
-    calls: int
-    with_feedback: int
-    thumbs_up: int
-    thumbs_down: int
-    regenerated: int
-
-    @property
-    def thumbs_up_rate(self) -> float:
-        return self.thumbs_up / self.calls if self.calls else 0.0
-
-    @property
-    def thumbs_down_rate(self) -> float:
-        return self.thumbs_down / self.calls if self.calls else 0.0
-
-    @property
-    def regenerate_rate(self) -> float:
-        return self.regenerated / self.calls if self.calls else 0.0
-
-
-def feedback_rates(records_path: Path) -> list[FeedbackRates]:
-    """Feedback counts per model from a raw_logs records table.
-
-    ``feedback`` is the log record's optional object: ``thumbs`` is ``"up"`` or ``"down"`` and
-    ``regenerated`` is true when the user asked for another answer; other keys are ignored.
-    """
-    from distill_pipeline.core import duck
-
-    con = duck.connect()
-    try:
-        rows = con.execute(
-            f"""
-            WITH r AS (SELECT model, CAST(feedback AS VARCHAR) AS f
-                       FROM read_parquet({duck.sql_string(str(records_path))}))
-            SELECT model, count(*),
-                   count(*) FILTER (WHERE f IS NOT NULL AND f <> 'null'),
-                   count(*) FILTER (WHERE lower(json_extract_string(f, '$.thumbs')) = 'up'),
-                   count(*) FILTER (WHERE lower(json_extract_string(f, '$.thumbs')) = 'down'),
-                   count(*) FILTER (WHERE lower(json_extract_string(f, '$.regenerated')) = 'true')
-            FROM r GROUP BY model ORDER BY model
-            """
-        ).fetchall()
-    finally:
-        con.close()
-    return [FeedbackRates(str(row[0]), *(int(v) for v in row[1:])) for row in rows]
-
-
 # --- signals and drift events ---------------------------------------------------------------------------
 
 
@@ -341,6 +297,10 @@ class DriftReport:
     feedback: list[FeedbackRates] = field(default_factory=list)
     signals: list[DriftSignal] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
+    #: The day's served traffic (call kinds, live agreement, the prior); None before any was read.
+    live: LiveReport | None = None
+    #: Rows with a teacher label the label rate was measured on (None: ``rows``).
+    labelled_rows: int | None = None
 
     @property
     def drifting(self) -> bool:
@@ -351,15 +311,8 @@ class DriftReport:
 
     def to_dict(self) -> dict[str, Any]:
         body = asdict(self)
-        body["feedback"] = [
-            {
-                **asdict(rates),
-                "thumbs_up_rate": rates.thumbs_up_rate,
-                "thumbs_down_rate": rates.thumbs_down_rate,
-                "regenerate_rate": rates.regenerate_rate,
-            }
-            for rates in self.feedback
-        ]
+        body["feedback"] = [rates.to_dict() for rates in self.feedback]
+        body["live"] = None if self.live is None else self.live.to_dict()
         body["drifting"] = self.drifting
         return body
 
@@ -386,13 +339,48 @@ def evaluate_signals(report: DriftReport, config: MonitoringConfig) -> list[Drif
         signals.append(signal(EMBEDDING_MMD, e.mmd2, config.min_embedding_mmd, significant, detail))
     if report.label_rate is not None:
         shift = report.label_rate.shift
+        labelled = report.rows if report.labelled_rows is None else report.labelled_rows
+        few = labelled < config.min_rows
         signals.append(
-            signal(LABEL_RATE_SHIFT, shift, config.max_label_rate_shift, shift > config.max_label_rate_shift)
+            DriftSignal(
+                LABEL_RATE_SHIFT,
+                shift,
+                config.max_label_rate_shift,
+                not few and shift > config.max_label_rate_shift,
+                f"only {labelled} labelled rows (< {config.min_rows}): not judged" if few else "",
+            )
         )
     if report.shadow is not None and report.shadow.drop is not None:
         drop = report.shadow.drop
         signals.append(signal(AGREEMENT_DROP, drop, config.max_agreement_drop, drop > config.max_agreement_drop))
+    live = live_agreement_signal(report.live, config)
+    if live is not None:
+        signals.append(live)
     return signals
+
+
+def live_agreement_signal(live: LiveReport | None, config: MonitoringConfig) -> DriftSignal | None:
+    """The champion's live agreement against its test-set agreement, as a statistical rule.
+
+    The value is how far the top of the 95% Wilson interval lies below the test-set agreement: it
+    fires when even the most favourable agreement the day's pairs allow is more than the margin
+    short, so a small day (a wide interval) cannot fire it on noise, and a busy day's tiny dip
+    inside the margin does not either. Below ``min_live_pairs`` pairs the day is not judged.
+    """
+    if live is None or live.champion_train_id is None or live.reference_agreement is None:
+        return None
+    cell = live.agreement_of(live.champion_train_id)
+    margin = config.live_agreement_margin
+    if cell is None or cell.pairs < config.min_live_pairs:
+        pairs = 0 if cell is None else cell.pairs
+        detail = f"only {pairs} shadow/sample pairs of {live.champion_train_id} (< {config.min_live_pairs}): not judged"
+        return DriftSignal(LIVE_AGREEMENT_DROP, None, margin, False, detail)
+    gap = float(live.reference_agreement) - cell.high
+    detail = (
+        f"live agreement {cell.text()} (shadow and sample) vs {live.reference_agreement:.3f} "
+        "on the in-distribution test set"
+    )
+    return DriftSignal(LIVE_AGREEMENT_DROP, gap, margin, gap > margin, detail)
 
 
 @dataclass(frozen=True)
@@ -466,7 +454,13 @@ def report_markdown(report: DriftReport) -> str:
     from distill_pipeline.core.reporting import markdown_table
 
     lines = [
-        f"**{report.day}**: {report.rows:,} labelled rows against {report.reference} ({report.reference_rows:,} rows). "
+        f"**{report.day}**: {report.rows:,} calls"
+        + (
+            ""
+            if report.labelled_rows is None
+            else f" ({report.labelled_rows:,} with a teacher label for the label rate)"
+        )
+        + f" against {report.reference} ({report.reference_rows:,} rows). "
         + ("**Drifting**: " + ", ".join(s.name for s in report.fired()) if report.drifting else "No drift signal."),
         "",
         markdown_table(
@@ -525,6 +519,8 @@ def report_markdown(report: DriftReport) -> str:
         )
     if details:
         lines += ["", markdown_table(details, ["statistic", "value"])]
+    if report.live is not None and report.live.calls:
+        lines += ["", live_markdown(report.live)]
     if report.feedback:
         lines += ["", feedback_markdown(report.feedback)]
     lines += [f"\n- {note}" for note in report.notes]
@@ -532,22 +528,64 @@ def report_markdown(report: DriftReport) -> str:
 
 
 def feedback_markdown(rates: Sequence[FeedbackRates]) -> str:
+    from distill_pipeline.monitoring.feedback import rates_markdown
+
+    return rates_markdown(rates)
+
+
+def live_markdown(live: LiveReport) -> str:
+    """Served traffic: who answered, the live agreement per student (deferred apart), the prior."""
     from distill_pipeline.core.reporting import markdown_table
 
-    return markdown_table(
-        [
-            (
-                r.model,
-                f"{r.calls:,}",
-                f"{r.with_feedback:,}",
-                f"{r.thumbs_up_rate:.3%}",
-                f"{r.thumbs_down_rate:.3%}",
-                f"{r.regenerate_rate:.3%}",
-            )
-            for r in rates
-        ],
-        ["model", "calls", "with feedback", "thumbs up", "thumbs down", "regenerated"],
-    )
+    lines = [
+        f"**Served traffic**: {live.calls:,} calls, {live.student_served_share:.1%} answered by a student.",
+        "",
+        markdown_table(
+            [(t.call_kind, t.served_by, f"{t.calls:,}", f"{t.share:.1%}") for t in live.traffic],
+            ["call kind", "served by", "calls", "share"],
+        ),
+    ]
+    rows = [
+        (
+            a.train_id,
+            "shadow + sample",
+            a.text(),
+            "unbiased" + (" (champion)" if a.train_id == live.champion_train_id else ""),
+        )
+        for a in live.agreement
+    ] + [(a.train_id, "deferred", a.text(), "biased: the calls the student was unsure of") for a in live.deferred]
+    if rows:
+        reference = "n/a" if live.reference_agreement is None else f"{live.reference_agreement:.3f}"
+        lines += [
+            "",
+            f"**Live agreement** with the teacher (95% Wilson intervals); the champion agrees {reference} on the "
+            "in-distribution test set.",
+            "",
+            markdown_table(rows, ["student", "pairs", "agreement [95% CI]", "sample"]),
+        ]
+    if live.invalid_student_answers:
+        lines += ["", f"- {live.invalid_student_answers:,} student answers name no label of the task: left out."]
+    prior = live.prior
+    if prior is not None:
+        teacher = "n/a" if prior.teacher_rate is None else prior.teacher_rate.text()
+        em = (
+            "n/a"
+            if prior.em_prior is None
+            else f"{prior.em_prior:.3f} (EM on {prior.em_rows:,} of {prior.em_train_id}'s calls)"
+        )
+        trained = "n/a" if prior.train_prior is None else f"{prior.train_prior:.3f}"
+        lines += [
+            "",
+            markdown_table(
+                [
+                    ("teacher label rate (no deferred calls)", teacher),
+                    ("EM estimate from the student's scores", em),
+                    ("champion's training prior", trained),
+                ],
+                ["share of positives", "value"],
+            ),
+        ]
+    return "\n".join(lines)
 
 
 def signal_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
@@ -560,7 +598,7 @@ def signal_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
     days = [h["day"] for h in history]
     x = _day_offsets(days)
     series = []
-    colours = ("#4f6bed", "#e8793a", "#2a9d8f", "#c0392b", "#8e44ad")
+    colours = ("#4f6bed", "#e8793a", "#2a9d8f", "#c0392b", "#8e44ad", "#16a085")
     for name, colour in zip(SIGNALS, colours, strict=True):
         points = [
             (x[i], s["value"] / s["threshold"])
@@ -573,6 +611,71 @@ def signal_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
     series.append(LineSeries("threshold", [0, max(x[-1] if x else 0, 1)], [1.0, 1.0], "--", "black"))
     return line_plot_markdown(
         series, title="Drift signals over time", xlabel=_day_axis(days), ylabel="value / threshold"
+    )
+
+
+def prior_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
+    """The share of positives over the days of ``history``: the teacher's rate, the EM estimate, the training prior."""
+    from distill_pipeline.core.reporting import LineSeries, line_plot_markdown
+
+    days = [h["day"] for h in history]
+    x = _day_offsets(days)
+    teacher, em, trained = [], [], []
+    for i, h in enumerate(history):
+        prior = (h.get("live") or {}).get("prior") or {}
+        rate = prior.get("teacher_rate")
+        if rate and rate.get("n"):
+            teacher.append((x[i], rate["rate"], rate["low"], rate["high"]))
+        if prior.get("em_prior") is not None:
+            em.append((x[i], prior["em_prior"]))
+        if prior.get("train_prior") is not None:
+            trained.append((x[i], prior["train_prior"]))
+    if not (teacher or em or trained):
+        return "_no served traffic with a prior yet_"
+    series = []
+    if teacher:
+        series.append(
+            LineSeries("teacher label rate", [p[0] for p in teacher], [p[1] for p in teacher], "o-", "#4f6bed")
+        )
+        series.append(LineSeries("95% interval", [p[0] for p in teacher], [p[2] for p in teacher], ":", "#4f6bed"))
+        series.append(LineSeries("", [p[0] for p in teacher], [p[3] for p in teacher], ":", "#4f6bed"))
+    if em:
+        series.append(
+            LineSeries("EM estimate (student scores)", [p[0] for p in em], [p[1] for p in em], "s-", "#e8793a")
+        )
+    if trained:
+        series.append(
+            LineSeries("champion's training prior", [p[0] for p in trained], [p[1] for p in trained], "--", "black")
+        )
+    return line_plot_markdown(series, title="Share of positives over time", xlabel=_day_axis(days), ylabel="share")
+
+
+def live_agreement_history_markdown(history: Sequence[Mapping[str, Any]]) -> str:
+    """Live agreement per served student over the days of ``history``, with the test-set reference."""
+    from distill_pipeline.core.reporting import LineSeries, line_plot_markdown
+
+    days = [h["day"] for h in history]
+    x = _day_offsets(days)
+    per_student: dict[str, list[tuple[int, float]]] = {}
+    reference = []
+    for i, h in enumerate(history):
+        live = h.get("live") or {}
+        for cell in live.get("agreement", []):
+            per_student.setdefault(cell["train_id"], []).append((x[i], cell["rate"]))
+        if live.get("reference_agreement") is not None:
+            reference.append((x[i], live["reference_agreement"]))
+    if not per_student:
+        return "_no shadow or sample pairs yet_"
+    series = [
+        LineSeries(f"{train_id} (live)", [p[0] for p in points], [p[1] for p in points], "o-")
+        for train_id, points in sorted(per_student.items())
+    ]
+    if reference:
+        series.append(
+            LineSeries("champion on its test set", [p[0] for p in reference], [p[1] for p in reference], "--", "black")
+        )
+    return line_plot_markdown(
+        series, title="Live agreement with the teacher", xlabel=_day_axis(days), ylabel="agreement"
     )
 
 

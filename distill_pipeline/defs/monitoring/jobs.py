@@ -4,7 +4,7 @@ import dagster as dg
 
 from distill_pipeline.core.task import TaskConfigError
 from distill_pipeline.data.splitting import TrainSize
-from distill_pipeline.defs.core.partitions import train_sizes
+from distill_pipeline.defs.core.partitions import student_partition, train_sizes
 from distill_pipeline.defs.core.resources import location_task
 
 REDISTILL_JOB = "redistill_job"
@@ -26,9 +26,16 @@ def retrain_size_key() -> str:
     return key
 
 
+def retrain_partition_key() -> str:
+    """The student partition re-distillation trains: the configured size, base variant."""
+    return student_partition(retrain_size_key())
+
+
+# train_sets is not in the job: a run holds one partitions definition, and the training sets
+# follow new curated data by declarative automation (EAGER_BEHIND_CHECKS) already.
 redistill_job = dg.define_asset_job(
     REDISTILL_JOB,
-    selection=dg.AssetSelection.assets("train_sets", "lora_adapter", "eval_report", "champion"),
-    description="Rebuild one size's training set from the data gathered so far, train and evaluate its student, "
-    "and run the promotion gate.",
+    selection=dg.AssetSelection.assets("lora_adapter", "eval_report", "champion"),
+    description="Train and evaluate the base student of one size on its training set as automation keeps it "
+    "current, and run the promotion gate.",
 )

@@ -3,7 +3,7 @@
 import dagster as dg
 
 from distill_pipeline.defs.core.resources import location_task
-from distill_pipeline.defs.monitoring.jobs import TRIGGER_TAG, redistill_job, retrain_size_key
+from distill_pipeline.defs.monitoring.jobs import TRIGGER_TAG, redistill_job, retrain_partition_key
 
 
 @dg.schedule(
@@ -18,4 +18,6 @@ from distill_pipeline.defs.monitoring.jobs import TRIGGER_TAG, redistill_job, re
 def redistill_schedule(context: dg.ScheduleEvaluationContext) -> dg.RunRequest:
     tick = context.scheduled_execution_time.isoformat()
     # One run per tick, even if the tick is evaluated twice.
-    return dg.RunRequest(run_key=f"redistill-{tick}", partition_key=retrain_size_key(), tags={TRIGGER_TAG: "schedule"})
+    return dg.RunRequest(
+        run_key=f"redistill-{tick}", partition_key=retrain_partition_key(), tags={TRIGGER_TAG: "schedule"}
+    )

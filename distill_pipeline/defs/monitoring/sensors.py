@@ -7,7 +7,7 @@ import dagster as dg
 from distill_pipeline.defs.core.resources import location_task
 from distill_pipeline.defs.data.curation import curated_examples
 from distill_pipeline.defs.data.splits import test_sets, train_sets
-from distill_pipeline.defs.monitoring.assets import drift_report
+from distill_pipeline.defs.monitoring.assets import ab_report, drift_report
 from distill_pipeline.defs.monitoring.jobs import (
     DRIFT_DAY_TAG,
     DRIFT_SIGNAL_TAG,
@@ -15,7 +15,7 @@ from distill_pipeline.defs.monitoring.jobs import (
     DRIFT_VALUE_TAG,
     TRIGGER_TAG,
     redistill_job,
-    retrain_size_key,
+    retrain_partition_key,
 )
 from distill_pipeline.monitoring import drift
 
@@ -27,10 +27,10 @@ DRIFT_REPORTS_PER_TICK = 500
 #: Evaluates the automation conditions of the stages that follow ingestion.
 data_automation_sensor = dg.AutomationConditionSensorDefinition(
     "data_automation_sensor",
-    target=dg.AssetSelection.assets(curated_examples, test_sets, train_sets, drift_report),
+    target=dg.AssetSelection.assets(curated_examples, test_sets, train_sets, drift_report, ab_report),
     default_status=dg.DefaultSensorStatus.RUNNING,
     minimum_interval_seconds=INTERVAL_S,
-    description="Curation, test and training sets, and drift reports follow new labels by themselves.",
+    description="Curation, test and training sets, drift and A/B reports follow new logs and labels by themselves.",
 )
 
 
@@ -39,8 +39,8 @@ data_automation_sensor = dg.AutomationConditionSensorDefinition(
     job=redistill_job,
     minimum_interval_seconds=INTERVAL_S,
     default_status=dg.DefaultSensorStatus.RUNNING,
-    description="Launches re-distillation once per drift event (a stretch of drifting drift reports), "
-    "with the signal that fired and its value in the run's tags.",
+    description="Launches re-distillation once per drift event (a stretch of drifting drift reports, live "
+    "agreement on served traffic included), with the signal that fired and its value in the run's tags.",
 )
 def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult | dg.SkipReason:
     state = json.loads(context.cursor) if context.cursor else {"after": None, "open": False}
@@ -64,7 +64,7 @@ def drift_retraining_sensor(context: dg.SensorEvaluationContext) -> dg.SensorRes
     context.log.info(f"drift on {event.day}: {event.signal} = {event.value:.4f} > {event.threshold:.4f}")
     request = dg.RunRequest(
         run_key=event.run_key,
-        partition_key=retrain_size_key(),
+        partition_key=retrain_partition_key(),
         tags={
             TRIGGER_TAG: "drift",
             DRIFT_SIGNAL_TAG: event.signal,

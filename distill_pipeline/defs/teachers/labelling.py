@@ -50,7 +50,7 @@ LABELLED_ROWS_CHECK = "labelled_rows"
             LABELLED_ROWS_CHECK,
             asset="teacher_labels",
             blocking=True,
-            description="A day with rows has at least one labelled row.",
+            description="A day with rows the teacher answered has at least one labelled row.",
         ),
     ],
 )
@@ -111,6 +111,8 @@ def teacher_labels(
             "mode": teacher.mode,
             "pii_scrubbed": dg.MetadataValue.json(pii_scrubbed),
             "teacher_failure_rate": float(stats.teacher_failure_rate),
+            "student_served_unlabelled": stats.student_served,
+            "student_served_filled": stats.student_served_filled,
             **teacher_metadata,
         },
         check_results=[
@@ -136,12 +138,18 @@ def teacher_labels(
                 },
                 description=f"teachers answered no call for {stats.teacher_failures:,} of {stats.to_teachers:,} rows",
             ),
+            # A day the student served alone has no teacher answer to label: nothing is wrong.
             dg.AssetCheckResult(
                 check_name=LABELLED_ROWS_CHECK,
-                passed=stats.labelled > 0 or stats.rows_in == 0,
+                passed=stats.labelled > 0 or stats.rows_in == stats.student_served,
                 severity=dg.AssetCheckSeverity.ERROR,
-                metadata={"labelled": stats.labelled, "rows_in": stats.rows_in},
-                description=f"{stats.labelled:,} of {stats.rows_in:,} rows labelled",
+                metadata={
+                    "labelled": stats.labelled,
+                    "rows_in": stats.rows_in,
+                    "student_served_unlabelled": stats.student_served,
+                },
+                description=f"{stats.labelled:,} of {stats.rows_in:,} rows labelled; "
+                f"{stats.student_served:,} student-served with no teacher answer",
             ),
         ],
     )
@@ -173,7 +181,10 @@ def teacher_verdicts(
             "(or DISTILL_TEACHERS, e.g. openai/gpt-4o)"
         )
     inputs = inputs_for_teachers(records, task, scratch / "duckdb-inputs", teacher.mode)
-    context.log.info(f"{len(inputs):,} distinct inputs for {len(specs)} teacher(s): {[s.name for s in specs]}")
+    context.log.info(
+        f"{len(inputs):,} distinct inputs ({len(inputs.student_served):,} only student-served, asked last and within "
+        f"the budget) for {len(specs)} teacher(s): {[s.name for s in specs]}"
+    )
     with teacher.client(store, context) as client:
         labeller = None
         if teacher.batch:
@@ -184,8 +195,13 @@ def teacher_verdicts(
                 timeout_s=teacher.batch_timeout_s,
                 discount=teacher.batch_discount,
             ).label
-        verdicts = ask_teachers(client, specs, task, inputs, labeller=labeller)
+        verdicts = ask_teachers(client, specs, task, inputs.required, labeller=labeller, optional=inputs.student_served)
     context.log.info(totals_line(verdicts.totals))
+    if verdicts.unasked:
+        context.log.warning(
+            f"the teacher budget ran out: {verdicts.unasked:,} student-served inputs stay unlabelled "
+            "(a run with a larger budget resumes from the ledger)"
+        )
     return verdicts
 
 
