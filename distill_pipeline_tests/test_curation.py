@@ -7,10 +7,13 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from distill_pipeline.core.normalise import jaccard
 from distill_pipeline.core.task import CurationConfig
+from distill_pipeline.data import minhash
 from distill_pipeline.data.curation import CurationStats, curate
 
 T0 = dt.datetime(2026, 3, 4, 8, 0, tzinfo=dt.UTC)
@@ -320,3 +323,72 @@ def test_all_rules_together_account_for_every_row(tmp_path):
     # Every input row is either kept or removed once (the duplicate id once each way).
     out = Counter(result.kept_ids) + Counter(r["request_id"] for r in result.removed)
     assert out == Counter(r["request_id"] for r in rows)
+
+
+def _ragged(sets: list[list[int]]) -> tuple[np.ndarray, np.ndarray]:
+    offsets = np.zeros(len(sets) + 1, np.int64)
+    np.cumsum([len(s) for s in sets], out=offsets[1:])
+    return np.concatenate([np.array(s, np.int64) for s in sets]), offsets
+
+
+def test_minhash_functions_are_independent_and_unbiased():
+    # 300 pairs at Jaccard exactly 0.5 (20 shared words of 40): each function agrees with
+    # probability 0.5, so per pair the agreeing count is Binomial(48, 0.5) when the functions are
+    # independent. Functions derived from one hash by XOR agree or disagree together: a
+    # variance far above 48 * 0.25 = 12.
+    rng = np.random.default_rng(3)
+    sets = []
+    for _ in range(300):
+        words = rng.choice(50_000, size=40, replace=False).tolist()
+        sets += [words[:30], words[10:]]
+    ids, offsets = _ragged(sets)
+    signature = minhash.signatures(ids, offsets)
+    pairs = np.arange(600).reshape(300, 2)
+    agreeing = minhash.estimated_similarity(signature, pairs) * signature.shape[1]
+    assert abs(agreeing.mean() / signature.shape[1] - 0.5) < 0.02
+    assert 8 < agreeing.var() < 17
+
+
+def test_exact_jaccard_is_the_word_set_rule():
+    rng = np.random.default_rng(5)
+    sets = [sorted(set(rng.integers(0, 30, size=rng.integers(1, 25)).tolist())) for _ in range(200)]
+    ids, offsets = _ragged(sets)
+    pairs = rng.integers(0, 200, size=(500, 2))
+    exact = minhash.exact_jaccard(ids, offsets, pairs)
+    expected = [jaccard(frozenset(sets[a]), frozenset(sets[b])) for a, b in pairs.tolist()]
+    assert np.allclose(exact, expected)
+
+
+def test_near_duplicates_in_a_huge_bucket_cost_a_bounded_number_of_pairs():
+    # 3,000 copies of one template with one slot filled in: every text lands in the same buckets.
+    base = list(range(100, 130))
+    sets = [[*base, 1_000 + i] for i in range(3_000)]
+    ids, offsets = _ragged(sets)
+    keys = minhash.band_keys(minhash.signatures(ids, offsets))
+    pairs = minhash.bucket_pairs(keys[:, 0], np.ones(3_000, bool))
+    assert len(pairs) <= 3_000 * (minhash.BUCKET_HEADS + minhash.BUCKET_WINDOW)
+    assert (pairs[:, 0] < pairs[:, 1]).all()
+    # Small buckets: every pair. Four texts in one bucket give all six pairs.
+    small = minhash.bucket_pairs(np.array([7, 7, 9, 7, 7], np.uint64), np.ones(5, bool))
+    assert sorted(map(tuple, small.tolist())) == [(0, 1), (0, 3), (0, 4), (1, 3), (1, 4), (3, 4)]
+    # Each is a near duplicate (Jaccard 30/32) of the first, which alone is kept.
+    similar_to = minhash.near_duplicates(ids, offsets, 0.8)
+    assert similar_to[0] == -1 and (similar_to[1:] >= 0).all()
+    assert (similar_to[1:] < np.arange(1, 3_000)).all()
+
+
+def test_near_duplicate_recall_and_threshold_are_exact():
+    # 400 texts of 20 random words, each followed later by an edit at Jaccard 0.82 (two words
+    # of twenty swapped: 18/22) and one at 0.67 (four swapped: 16/24).
+    rng = np.random.default_rng(11)
+    sets, near, far = [], [], []
+    for _ in range(400):
+        words = rng.choice(50_000, size=28, replace=False).tolist()
+        sets.append(words[:20])
+        near.append(words[2:20] + words[20:22])
+        far.append(words[4:20] + words[22:26])
+    ids, offsets = _ragged(sets + near + far)
+    similar_to = minhash.near_duplicates(ids, offsets, 0.8)
+    assert (similar_to[400:800] == np.arange(400)).mean() >= 0.99
+    assert (similar_to[800:] == -1).all()
+    assert (similar_to[:400] == -1).all()

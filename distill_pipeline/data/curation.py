@@ -9,9 +9,9 @@ add up: ``rows_in == kept + sum(removed_by_rule)``.
 3. ``pattern:<name>``: inputs matching a configured regex.
 (PII scrubbing, ``pii.py``, when enabled rewrites every input before rule 1; it removes nothing.)
 4. ``exact_duplicate``: the same normalised text (case, punctuation and spacing folded).
-5. ``near_duplicate``: word-set Jaccard similarity above a threshold with an earlier input,
-   found with MinHash and locality-sensitive hashing so that it is not quadratic: an input is
-   compared with the earliest input of each LSH bucket it falls in.
+5. ``near_duplicate``: word-set Jaccard similarity at or above a threshold with an earlier
+   input (verified exactly), its candidates found with MinHash and locality-sensitive hashing
+   so that it is not quadratic (``minhash.py``); the earlier input is the one kept.
 6. ``user_cap``: at most N examples per user, a seeded random sample of each power user's rows,
    so a few heavy users do not dominate what the student learns.
 7. ``label_balance`` (optional): down-sample every label to the rarest label's count.
@@ -22,15 +22,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from distill_pipeline.core import duck
-from distill_pipeline.core.normalise import jaccard_sql, normalised_text_sql, word_set_sql
-from distill_pipeline.core.task import CurationConfig
-from distill_pipeline.data import pii
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
-# MinHash signature of 32 hashes in 8 bands of 4: a pair at Jaccard 0.8 shares a band with
-# probability 1 - (1 - 0.8**4)**8 = 0.985; candidates are then checked exactly.
-MINHASH_BANDS = 8
-MINHASH_ROWS = 4
+from distill_pipeline.core import duck
+from distill_pipeline.core.normalise import normalised_text_sql, word_set_sql
+from distill_pipeline.core.task import CurationConfig
+from distill_pipeline.data import minhash, pii
+
 # Inputs with fewer distinct words than this are left to the exact rule: with two or three words,
 # one changed word is a different comment.
 NEAR_DUPLICATE_MIN_WORDS = 4
@@ -151,46 +151,39 @@ class Curator:
         self.stats.removed_by_rule["exact_duplicate"] = self._count("removed_by = 'exact_duplicate'")
 
     def _remove_near_duplicates(self, threshold: float) -> None:
-        hashes = MINHASH_BANDS * MINHASH_ROWS
         self.con.execute(
             f"""
             CREATE TEMP TABLE words AS
             SELECT arrival, {word_set_sql("norm")} AS words
             FROM work WHERE removed_by IS NULL;
             DELETE FROM words WHERE len(words) < {NEAR_DUPLICATE_MIN_WORDS};
-            CREATE TEMP TABLE bands AS
-            WITH signatures AS (
-                SELECT arrival,
-                       list_transform(range({hashes}), lambda i: list_min(list_transform(words, lambda w: hash(w, i)))) AS sig
-                FROM words
-            )
-            SELECT arrival, b AS band, hash(sig[b * {MINHASH_ROWS} + 1 : (b + 1) * {MINHASH_ROWS}]) AS bucket
-            FROM signatures, range({MINHASH_BANDS}) AS t(b);
-            -- Each bucket is compared with its earliest member only, not pairwise: templated
-            -- traffic puts thousands of inputs in one bucket, and all pairs would be quadratic.
-            CREATE TEMP TABLE heads AS
-            SELECT band, bucket, min(arrival) AS head FROM bands GROUP BY band, bucket HAVING count(*) > 1;
-            CREATE TEMP TABLE similar_pairs AS
-            WITH candidates AS (
-                SELECT DISTINCT h.head AS earlier, b.arrival AS later
-                FROM bands b JOIN heads h ON b.band = h.band AND b.bucket = h.bucket AND b.arrival > h.head
-            )
-            SELECT c.later, min(c.earlier) AS earlier
-            FROM candidates c
-            JOIN words wa ON wa.arrival = c.earlier
-            JOIN words wb ON wb.arrival = c.later
-            WHERE {jaccard_sql("wa.words", "wb.words")} >= {threshold}
-            GROUP BY c.later;
             """
         )
-        # An earlier near-duplicate that was itself a near-duplicate still counts: the chain
-        # of small edits is the same comment, and keeping only its head is what we want.
-        self.con.execute(
-            """
-            UPDATE work SET removed_by = 'near_duplicate', removed_detail = 'similar to arrival #' || s.earlier
-            FROM similar_pairs s WHERE work.removed_by IS NULL AND work.arrival = s.later
-            """
+        texts = self.con.sql("SELECT arrival, words FROM words ORDER BY arrival").to_arrow_table()
+        arrivals = texts.column("arrival").to_numpy()
+        word_lists = texts.column("words").combine_chunks()
+        offsets = word_lists.offsets.to_numpy().astype(np.int64)
+        # A word's index in the table's own vocabulary names it for the hash functions.
+        word_ids = (
+            pc.dictionary_encode(word_lists.values.slice(offsets[0], offsets[-1] - offsets[0]))
+            .indices.to_numpy()
+            .astype(np.int64)
         )
+        similar_to = minhash.near_duplicates(word_ids, offsets - offsets[0], threshold)
+        later = np.flatnonzero(similar_to >= 0)
+        self.con.register(
+            "near_duplicate_pairs",
+            pa.table({"later": arrivals[later], "earlier": arrivals[similar_to[later]]}),
+        )
+        try:
+            self.con.execute(
+                """
+                UPDATE work SET removed_by = 'near_duplicate', removed_detail = 'similar to arrival #' || s.earlier
+                FROM near_duplicate_pairs s WHERE work.removed_by IS NULL AND work.arrival = s.later
+                """
+            )
+        finally:
+            self.con.unregister("near_duplicate_pairs")
         self.stats.removed_by_rule["near_duplicate"] = self._count("removed_by = 'near_duplicate'")
 
     def _cap_users(self, cap: int) -> None:

@@ -97,7 +97,7 @@ class IngestStats:
 
     @property
     def duplicates(self) -> int:
-        return self.reasons.get("duplicate request_id", 0)
+        return self.reasons.get(DUPLICATE_REASON, 0)
 
     @property
     def invalid(self) -> int:
@@ -345,6 +345,9 @@ def _judged_lines_sql(max_line_bytes: int) -> str:
     """
 
 
+#: The reason a repeated request id is quarantined with (its excerpt says where it was first seen).
+DUPLICATE_REASON = "duplicate request_id"
+
 QUARANTINE_COLUMNS = ("source_key", "source_line", "reason", "request_id", "line_bytes", "excerpt")
 
 #: Objects are validated in batches of about this many bytes: large enough to amortise the cost
@@ -468,7 +471,7 @@ class Ingestor:
         # Only request ids kept more than once are ranked: a few rows, not the day.
         self.con.execute(
             """
-            UPDATE lines SET reason = 'duplicate request_id', line_bytes = strlen(input),
+            UPDATE lines SET reason = ?, line_bytes = strlen(input),
                 excerpt = 'first seen at ' || repeats.first_seen
             FROM (
                 SELECT row_id, first_seen FROM (
@@ -483,11 +486,12 @@ class Ingestor:
                 ) WHERE occurrence > 1
             ) AS repeats
             WHERE lines.rowid = repeats.row_id
-            """
+            """,
+            [DUPLICATE_REASON],
         )
         if scrub_pii:
             # A quarantined line's excerpt quotes the line; a duplicate's names where it was first seen.
-            kept, quoting = "reason IS NULL", "reason IS NOT NULL AND reason <> 'duplicate request_id'"
+            kept, quoting = "reason IS NULL", f"reason IS NOT NULL AND reason <> {duck.sql_string(DUPLICATE_REASON)}"
             self.stats.pii_scrubbed = pii.scrub_table(
                 self.con, "lines", {"input": kept, "response": kept, "excerpt": quoting}
             )

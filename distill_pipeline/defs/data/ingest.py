@@ -1,13 +1,17 @@
 """A day's log objects in the store, validated into a typed table with every bad line quarantined."""
 
 import dataclasses
+import functools
+import os
 
 import dagster as dg
 
 from distill_pipeline.core.layout import raw_logs_prefix
 from distill_pipeline.core.reporting import counts_table, parquet_length_histogram, parquet_sample_markdown
+from distill_pipeline.core.store import ObjectStore
 from distill_pipeline.core.tables import publish_table
 from distill_pipeline.data.ingest import ingest_objects
+from distill_pipeline.data.sharding import ingest_in_shards
 from distill_pipeline.defs.core.common import location, scratch_dir
 from distill_pipeline.defs.core.partitions import log_days
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
@@ -15,6 +19,19 @@ from distill_pipeline.defs.logs.assets import teacher_logs
 from distill_pipeline.logs.schema import LOG_SUFFIXES, log_object_prefix
 
 QUARANTINE_RATE_CHECK = "quarantine_rate"
+
+
+class RawLogsConfig(dg.Config):
+    shards: int = int(os.environ.get("DISTILL_INGEST_SHARDS", "1"))
+    """Shards the day's objects are cut into (contiguous in key order, about equal bytes); each is
+    ingested by a process of its own, then request ids are deduplicated across them exactly."""
+    processes: int = 0
+    """Shards ingested at once; 0: one per core."""
+
+
+def _open_store(url: str | None, endpoint_url: str | None, region_name: str | None) -> ObjectStore:
+    """The store as a shard's own process opens it (a resource is configured, not pickled)."""
+    return StoreResource(url=url, endpoint_url=endpoint_url, region_name=region_name).open()
 
 
 @dg.asset(
@@ -31,7 +48,9 @@ QUARANTINE_RATE_CHECK = "quarantine_rate"
         )
     ],
 )
-def raw_logs(context: dg.AssetExecutionContext, store: StoreResource, task: TaskResource) -> dg.MaterializeResult:
+def raw_logs(
+    context: dg.AssetExecutionContext, config: RawLogsConfig, store: StoreResource, task: TaskResource
+) -> dg.MaterializeResult:
     """A day's log lines validated into a typed table; every bad line quarantined with its reason."""
     day = context.partition_key
     object_store = store.open()
@@ -48,15 +67,32 @@ def raw_logs(context: dg.AssetExecutionContext, store: StoreResource, task: Task
     limits = loaded.checks
     with scratch_dir(context) as scratch:
         records, quarantine = scratch / "records.parquet", scratch / "quarantine.parquet"
-        stats = ingest_objects(
-            object_store,
-            keys,
-            scratch / "duckdb",
-            records,
-            quarantine,
-            max_object_bytes=limits.max_log_object_bytes,
-            scrub_pii=loaded.curation.scrub_pii,
-        )
+        if config.shards > 1:
+            stats, shard_stats = ingest_in_shards(
+                functools.partial(_open_store, store.url, store.endpoint_url, store.region_name),
+                [(info.key, info.size) for info in listed if info.key in set(keys)],
+                config.shards,
+                scratch / "shards",
+                records,
+                quarantine,
+                max_object_bytes=limits.max_log_object_bytes,
+                scrub_pii=loaded.curation.scrub_pii,
+                processes=config.processes or None,
+            )
+            context.log.info(
+                f"{len(shard_stats)} shards: "
+                + ", ".join(f"{s.objects} objects, {s.lines_in:,} lines" for s in shard_stats)
+            )
+        else:
+            stats = ingest_objects(
+                object_store,
+                keys,
+                scratch / "duckdb",
+                records,
+                quarantine,
+                max_object_bytes=limits.max_log_object_bytes,
+                scrub_pii=loaded.curation.scrub_pii,
+            )
         context.log.info(
             f"{stats.lines_in:,} lines from {stats.objects} objects: {stats.kept:,} kept, {stats.quarantined:,} quarantined"
         )
