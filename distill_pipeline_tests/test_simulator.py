@@ -269,3 +269,45 @@ def test_a_share_of_the_truth_becomes_the_gold_table(tmp_path: Path, task: Task)
         simulate_traffic(LocalStore(tmp_path / "none"), days=DAYS, records_per_day=10, seed=1, task=task).gold_rows == 0
     )
     assert not (tmp_path / "none" / GOLD_LABELS).exists()
+
+
+def test_logged_label_distributions_are_a_calibrated_teachers_and_reach_the_labels(tmp_path: Path, task: Task) -> None:
+    from distill_pipeline.data.ingest import ingest_objects
+    from distill_pipeline.data.labels import label_records
+
+    soft = dataclasses.replace(PROFILE, label_distributions=True, malformed_rate=0.0)
+    plain_table = generate_traffic(days=DAYS[:1], records_per_day=20_000, seed=5, task=task, profile=PROFILE)
+    table = generate_traffic(days=DAYS[:1], records_per_day=20_000, seed=5, task=task, profile=soft)
+    # The calls themselves are those of the same traffic without distributions.
+    assert (
+        table.drop_columns(["label_distribution"])
+        .select(["input", "response"])
+        .equals(plain_table.select(["input", "response"]))
+    )
+    rows = [r for r in table.to_pylist() if r["teacher_label"] is not None]
+    confidence = [r["label_distribution"][str(r["teacher_label"])] for r in rows]
+    right = [r["teacher_label"] == r["true_label"] for r in rows]
+    assert all(abs(sum(r["label_distribution"].values()) - 1) < 1e-3 for r in rows)
+    # Calibrated: in each confidence band the teacher is right about as often as it is sure.
+    bands = [(0.5, 0.8), (0.8, 0.95), (0.95, 1.01)]
+    for low, high in bands:
+        in_band = [ok for c, ok in zip(confidence, right, strict=True) if low <= c < high]
+        mean_confidence = sum(c for c in confidence if low <= c < high) / len(in_band)
+        assert len(in_band) > 300
+        assert abs(sum(in_band) / len(in_band) - mean_confidence) < 0.04
+    # Wrong answers come with less confidence than right ones: the signal soft targets carry.
+    wrong_mean = sum(c for c, ok in zip(confidence, right, strict=True) if not ok) / right.count(False)
+    right_mean = sum(c for c, ok in zip(confidence, right, strict=True) if ok) / right.count(True)
+    assert wrong_mean < right_mean - 0.1
+
+    store = LocalStore(tmp_path / "store")
+    summary = simulate_traffic(store, days=DAYS[:1], records_per_day=2_000, seed=5, task=task, profile=soft)
+    records, quarantine = tmp_path / "records.parquet", tmp_path / "quarantine.parquet"
+    ingest_objects(store, summary.object_keys, tmp_path / "work", records, quarantine)
+    stats = label_records(records, task, tmp_path / "work", tmp_path / "labels.parquet", tmp_path / "q.parquet")
+    labelled = pq.read_table(tmp_path / "labels.parquet").to_pylist()
+    assert stats.labelled == len(labelled) > 1_500
+    with_soft = [r for r in labelled if r["soft_label"] is not None]
+    assert len(with_soft) == len(labelled)
+    # A soft label agrees with its hard label's side of one half (the answer is the teacher's argmax).
+    assert all((r["soft_label"] >= 0.5) == (r["label"] == 1) for r in with_soft if r["soft_label"] != 0.5)

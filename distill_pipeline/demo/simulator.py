@@ -196,6 +196,11 @@ class TrafficProfile:
     regenerate_wrong: float = 0.15
     # Verdicts arrive up to this many days after the call.
     feedback_lag_days: int = 2
+    # Log the teacher's label distribution with every answer (as from its log-probabilities), from a
+    # calibrated teacher: its confidence in an answer is the probability that the answer is right.
+    # The concentration sets how far confidences spread (higher: closer to the row's accuracy).
+    label_distributions: bool = False
+    confidence_concentration: float = 2.0
 
     def __post_init__(self) -> None:
         rates = ("toxic_rate", "teacher_accuracy", "reasoning_prompt_share", "error_rate", "empty_rate")
@@ -225,6 +230,8 @@ class TrafficProfile:
                 raise ValueError(f"{name} must be within [0, 1]")
         if self.feedback_lag_days < 0 or self.student_latency_ms < 0:
             raise ValueError("feedback_lag_days and student_latency_ms must not be negative")
+        if self.confidence_concentration <= 0:
+            raise ValueError("confidence_concentration must be positive")
 
 
 @dataclass(frozen=True)
@@ -471,7 +478,8 @@ class _TrafficSource:
 
         # The teacher: wrong on a share of calls, more often on the borderline ones.
         weight = np.where(kind == _BORDERLINE, 5.0, 1.0)
-        wrong = rng.random(n) < np.minimum(1.0, (1 - profile.teacher_accuracy) * n * weight / weight.sum())
+        error_rate = np.minimum(1.0, (1 - profile.teacher_accuracy) * n * weight / weight.sum())
+        wrong = rng.random(n) < error_rate
         values = np.array(label.values)
         sorter = np.argsort(values)
         truth_index = sorter[np.searchsorted(values, truth, sorter=sorter)]
@@ -556,6 +564,13 @@ class _TrafficSource:
                 "text_kind": pa.array(_TEXT_KINDS).take(kind),
             }
         )
+        if profile.label_distributions and len(values) == 2:
+            # A generator of its own, so the calls are the same bytes as without distributions.
+            soft_rng = np.random.default_rng(np.random.SeedSequence([self.seed, 4, date.toordinal()]))
+            table = table.append_column(
+                "label_distribution",
+                _label_distributions(soft_rng, values, answer_index, wrong, error_rate, teacher, profile),
+            )
         if profile.rollout is None:
             return _DrawnDay(table, line_kind, duplicate_of, response_format, truth, teacher, rng)
         # A generator of its own, so the calls themselves are the same bytes as without a rollout.
@@ -831,6 +846,42 @@ _TOPIC_SIZES = np.array([len(nouns) for nouns in TOPIC_NOUNS.values()])
 _TOPIC_STARTS = np.concatenate([[0], np.cumsum(_TOPIC_SIZES)[:-1]])
 _SLOT_ARRAYS = {slot: pa.array(words) for slot, words in SLOT_WORDS.items()}
 _FORMATTER = string.Formatter()
+
+
+def _label_distributions(
+    rng: np.random.Generator,
+    values: np.ndarray,
+    answer_index: np.ndarray,
+    wrong: np.ndarray,
+    error_rate: np.ndarray,
+    teacher: np.ndarray,
+    profile: TrafficProfile,
+) -> pa.Array:
+    """A calibrated teacher's distribution over the two labels, per call (null where it gave no label).
+
+    The teacher answers with its likelier label, so its confidence c lies in [1/2, 1]: c = (1 + x) / 2
+    with x ~ Beta at the mean that makes E[c] the row's accuracy. Given whether the answer is right,
+    c is drawn from that distribution weighted by c (right) or 1 - c (wrong), by rejection; then,
+    by Bayes, an answer given with confidence c is right with probability exactly c.
+    """
+    accuracy = 1.0 - error_rate
+    mean_x = np.clip(2.0 * accuracy - 1.0, 0.02, 0.98)
+    a, b = mean_x * profile.confidence_concentration, (1 - mean_x) * profile.confidence_concentration
+    confidence = np.full(len(wrong), np.nan)
+    todo = np.arange(len(wrong))
+    while len(todo):
+        candidate = 0.5 + 0.5 * rng.beta(a[todo], b[todo])
+        # Acceptance in [0, 1]: c for a right answer, (1 - c) / (1/2) for a wrong one.
+        accept = rng.random(len(todo)) < np.where(wrong[todo], 2.0 * (1.0 - candidate), candidate)
+        confidence[todo[accept]] = candidate[accept]
+        todo = todo[~accept]
+    p_answer = np.round(confidence, 4)
+    p_second = np.round(1.0 - p_answer, 4)
+    first_is_answer = answer_index == 0
+    columns = [np.where(first_is_answer, p_answer, p_second), np.where(first_is_answer, p_second, p_answer)]
+    return pa.StructArray.from_arrays(
+        [pa.array(column) for column in columns], names=[str(v) for v in values], mask=pa.array(np.isnan(teacher))
+    )
 
 
 def _user_bucket(user_id: str) -> float:
