@@ -14,11 +14,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import os
 import random
 import shutil
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -45,10 +42,9 @@ from distill_pipeline.serving.prompts import PromptMatcher  # noqa: E402
 from distill_pipeline.serving.rollout import unit_hash  # noqa: E402
 from distill_pipeline.serving.students import LoadSettings, SwapRefused, UpstreamEngine, load_champion  # noqa: E402
 from distill_pipeline.students.adapters import publish_adapter  # noqa: E402
-from distill_pipeline_tests.conftest import _free_port, stop_process_group  # noqa: E402
+from distill_pipeline_tests.conftest import running_student_server  # noqa: E402
 from distill_pipeline_tests.openai_server import control  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
 NICE = ["lovely", "kind", "great", "wonderful", "thanks", "helpful", "friendly"]
 NASTY = ["idiot", "stupid", "hate", "awful", "disgusting", "moron", "trash"]
 FILLER = ["the", "a", "comment", "post", "about", "this", "that", "your", "my", "article", "page", "edit"]
@@ -239,39 +235,17 @@ def server(
     folder = tmp_path_factory.mktemp("serve")
     deployments = folder / "deployments.toml"
     deployments.write_text('[deployments.toxicity]\nmode = "dark"\n')
-    port = _free_port()
-    env = {
-        **os.environ,
-        "DISTILL_SERVE_ADMIN_TOKEN": ADMIN_TOKEN,
-        "DISTILL_TEACHER_API_KEY": "sk-test",
-        "DISTILL_LEDGER_JOURNAL": str(folder / "journal"),
-        "HF_HUB_OFFLINE": "1",
-        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
-    }
-    command = [sys.executable, "-m", "distill_pipeline.cli", "--store", str(published["store"].root), "serve",
-               "--port", str(port), "--deployments", str(deployments), "--teacher", "openai/gpt-4",
-               "--teacher-api-base", teacher_server + "/v1", "--teacher-timeout", "3", "--poll-s", "0.3",
-               "--log-flush-s", "0.2", "--max-queue", "64", "--max-batch", "16", "--max-input-chars", "2000",
-               "--max-body-bytes", "262144"]  # fmt: skip
-    log_path = folder / "server.log"
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert process.poll() is None, log_path.read_text()
-            try:
-                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, log_path.read_text()
-            time.sleep(0.2)
+    serve_args = ["--deployments", str(deployments), "--teacher-timeout", "3", "--poll-s", "0.3",
+                  "--log-flush-s", "0.2", "--max-queue", "64", "--max-batch", "16", "--max-input-chars", "2000",
+                  "--max-body-bytes", "262144"]  # fmt: skip
+    with running_student_server(
+        published["store"].root,
+        teacher_server,
+        folder,
+        serve_args=serve_args,
+        env={"DISTILL_SERVE_ADMIN_TOKEN": ADMIN_TOKEN},
+    ) as url:
         yield Server(url, published["store"], deployments, teacher_server)
-    finally:
-        stop_process_group(process, grace_s=30)
-        print(log_path.read_text()[-4000:])
 
 
 @pytest.fixture
@@ -571,3 +545,22 @@ def test_a_decoder_champion_is_routed_to_the_upstream_adapter_server(
     with pytest.raises(SwapRefused, match="smoke test"):
         load_champion(store, manifest, TASK.label, LoadSettings(decoder_upstream=teacher_url))
     engine.close()
+
+
+def test_counting_a_requests_tokens_leaves_the_forward_passes_tokenizer_alone(published: dict) -> None:
+    """Counting runs on the request's thread while the forward pass encodes a batch on its own: a
+    shared fast tokenizer would take the count's truncation setting into the batch (a 371-token
+    example past a max_length of 128 failed a forward pass)."""
+    from distill_pipeline.serving.students import AdapterEngine
+    from distill_pipeline.trainer.predict import load_student
+
+    student = load_student(published["root"] / "run-a" / "adapter", device="cpu", log=lambda _m: None)
+    engine = AdapterEngine(student, "a")
+    long_text = "you idiot " * 200
+    student.predict([long_text])
+    backend = student.codec.tokenizer.backend_tokenizer
+    truncating = backend.truncation
+    assert truncating is not None and truncating["max_length"] == student.max_length
+    assert engine.count_tokens(long_text) > student.max_length
+    assert backend.truncation == truncating
+    assert len(engine.predict([long_text] * 3)) == 3

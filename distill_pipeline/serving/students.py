@@ -18,6 +18,7 @@ which are that set's labels), or ``min_agreement`` where no score was recorded.
 
 from __future__ import annotations
 
+import copy
 import json
 import logging
 import math
@@ -78,10 +79,16 @@ class AdapterEngine:
     batch_size: int = 32
     kind: str = field(init=False)
     label_values: tuple[int, ...] = field(init=False)
+    _counting_tokenizer: Any = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         self.kind = "encoder" if type(self.student.codec).__name__ == "EncoderCodec" else "decoder"
         self.label_values = tuple(int(v) for v in self.student.labels.values)
+        # A fast tokenizer keeps its truncation setting in shared state, set by every call: counting
+        # a request's tokens (truncation off) on the request's thread while the forward-pass thread
+        # encodes a batch (truncation on) lets one call run with the other's setting. Counting gets
+        # a tokenizer of its own.
+        self._counting_tokenizer = copy.deepcopy(self.student.codec.tokenizer)
 
     def predict(self, texts: Sequence[str]) -> list[StudentAnswer]:
         started = time.perf_counter()
@@ -100,7 +107,7 @@ class AdapterEngine:
         return answers
 
     def count_tokens(self, text: str) -> int:
-        return len(self.student.codec.tokenizer(text, truncation=False)["input_ids"])
+        return len(self._counting_tokenizer(text, truncation=False)["input_ids"])
 
     def close(self) -> None:
         self.student = None
