@@ -9,8 +9,9 @@ max_length and rows) for one epoch of synthetic comments with a long-tailed leng
 - ``hf-maxlen``: the plain ``transformers.Trainer`` recipe, the baseline: every example padded
   to max_length (``padding="max_length"``), default settings (random batches);
 - ``hf-random``: ``transformers.Trainer`` with dynamic padding (to the longest in each batch);
-- ``hf-grouped``: the same with ``train_sampling_strategy="group_by_length"``, the strongest
-  stock configuration.
+- ``hf-grouped``: the same with ``train_sampling_strategy="group_by_length"``;
+- ``hf-grouped-flat`` (decoders): grouped, and padding-free with ``DataCollatorWithFlattening``:
+  the strongest stock configuration for a decoder.
 
 Throughput counts real (non-pad) tokens per second of training-loop time. MFU counts 4N FLOPs
 per token (forward 2N, backward through activations 2N; the frozen base needs no weight
@@ -251,11 +252,20 @@ def hf_trainer_run(
     strategy: str,
     out: Path,
     pad_to: int | None = None,
+    flatten: bool = False,
 ) -> tuple[float, int]:
     """(train seconds, real tokens) for one epoch of transformers.Trainer on the same ids; every
-    row padded to ``pad_to`` tokens when given, else to the longest row of its batch."""
+    row padded to ``pad_to`` tokens when given, else to the longest row of its batch; a decoder's
+    batch concatenated into one row without padding when ``flatten`` (``DataCollatorWithFlattening``,
+    position ids restarting per example: the stock padding-free recipe)."""
     from datasets import Dataset
-    from transformers import DataCollatorForSeq2Seq, DataCollatorWithPadding, Trainer, TrainingArguments
+    from transformers import (
+        DataCollatorForSeq2Seq,
+        DataCollatorWithFlattening,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainingArguments,
+    )
 
     from distill_pipeline.trainer.model import add_lora, choose_runtime, load_base_model, lora_config
 
@@ -274,12 +284,17 @@ def hf_trainer_run(
         rows = {"input_ids": sequences, "attention_mask": [[1] * len(s) for s in sequences], "labels": masked}
         codec.tokenizer.pad_token_id = codec.pad_id
         longest_answer = max(len(answer) for answer in codec.answers)
-        collator = DataCollatorForSeq2Seq(
-            codec.tokenizer,
-            label_pad_token_id=-100,
-            padding="max_length" if pad_to else True,
-            max_length=pad_to + longest_answer if pad_to else None,
-        )
+        if flatten:
+            rows.pop("attention_mask")
+            # Its labels: the ids of each example, the first of each masked; the answer-only labels go in as they are.
+            collator = DataCollatorWithFlattening(return_position_ids=True)
+        else:
+            collator = DataCollatorForSeq2Seq(
+                codec.tokenizer,
+                label_pad_token_id=-100,
+                padding="max_length" if pad_to else True,
+                max_length=pad_to + longest_answer if pad_to else None,
+            )
     tokens = sum(len(ids) for ids in rows["input_ids"])
     args = TrainingArguments(
         output_dir=str(out),
@@ -362,6 +377,10 @@ def main() -> int:
         )
         for strategy, name in (("random", "hf-random"), ("group_by_length", "hf-grouped")):
             results[name] = hf_trainer_run(spec, base_model, examples, codec, strategy, scratch / name)
+        if kind == "decoder":
+            results["hf-grouped-flat"] = hf_trainer_run(
+                spec, base_model, examples, codec, "group_by_length", scratch / "hf-flat", flatten=True
+            )
         flops = flops_per_token(base_model, kind)
 
     device = torch.cuda.get_device_name() if torch.cuda.is_available() else f"CPU x{torch.get_num_threads()} threads"

@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import json
+import math
 import os
 import random
 import signal
@@ -707,3 +708,143 @@ def test_a_base_model_folder_with_pickle_weights_is_refused(
     with pytest.raises(OSError, match="offline"):
         trainer_model.load_base_model("decoder", "some-org/some-model", None, runtime)
     assert asked["name"] == "some-org/some-model" and asked["use_safetensors"] is True
+
+
+# ---- targets beyond the hard label: label smoothing, soft labels; a full fine-tune
+
+
+def test_target_distributions_mix_soft_and_hard_labels_then_smooth() -> None:
+    from distill_pipeline.trainer.data import target_distributions
+
+    def flat(rows: list[list[float]]) -> list[float]:
+        return [value for row in rows for value in row]
+
+    assert target_distributions([1, 0], 2) == [[0.0, 1.0], [1.0, 0.0]]
+    mixed = target_distributions([1, 1, 0], 2, soft=[0.8, None, 0.2], positive=1, soft_weight=0.5)
+    assert flat(mixed) == pytest.approx([0.1, 0.9, 0.0, 1.0, 0.9, 0.1])
+    assert flat(target_distributions([2], 3, smoothing=0.3)) == pytest.approx([0.1, 0.1, 0.8])
+    both = target_distributions([0], 2, soft=[1.0], positive=1, soft_weight=1.0, smoothing=0.2)
+    assert flat(both) == pytest.approx([0.1, 0.9])
+    with pytest.raises(ValueError, match="two-label"):
+        target_distributions([0], 3, soft=[0.5], positive=1)
+
+
+@pytest.mark.parametrize(
+    ("raw", "message"),
+    [
+        ({"train_path": "t", "label_smoothing": 1.0}, r"label_smoothing must be in \[0, 1\)"),
+        ({"train_path": "t", "soft_label_weight": 1.5}, r"soft_label_weight must be in \[0, 1\]"),
+        ({"train_path": "t", "soft_label_column": "p"}, "soft_label_column needs positive_label"),
+        ({"train_path": "t", "full_finetune": True, "merged_export": True}, "already is the whole model"),
+        ({"train_path": "t", "distributed": "zero3"}, "distributed must be 'ddp' or 'fsdp'"),
+    ],
+)
+def test_spec_rejects_bad_target_and_parallelism_settings(raw: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        TrainSpec.from_json(json.dumps(raw))
+
+
+def test_the_soft_target_loss_is_the_cross_entropy_against_the_distribution(tiny_llama: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill_pipeline.trainer.model import target_nll_sum
+
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama, attn_implementation="sdpa").eval()
+    codec = DecoderCodec(tokenizer, TEMPLATE, LABEL_NAMES, packing=True)
+    texts = ["the post about your article", "idiot", "a lovely comment"]
+    ids = codec.encode(texts, 64)
+    q = [(0.25, 0.75), (0.0, 1.0), (0.6, 0.4)]
+    with torch.no_grad():
+        hard = [Example(i, t) for i, t in zip(ids, [1, 1, 0], strict=True)]
+        # A one-hot distribution is the hard label, to the last bit of the loss and its denominator.
+        one_hot = [Example(e.ids, e.target, tuple(float(k == e.target) for k in range(2))) for e in hard]
+        plain_batch, one_hot_batch = codec.collate(hard, 64), codec.collate(one_hot, 64)
+        torch.testing.assert_close(
+            target_nll_sum("decoder", model, one_hot_batch), target_nll_sum("decoder", model, plain_batch)
+        )
+        assert float(one_hot_batch["n_targets"]) == float(plain_batch["n_targets"])
+        soft = [Example(i, 0, d) for i, d in zip(ids, q, strict=True)]
+        # Against each label's whole answer: -sum_l q_l log P(answer_l | prompt).
+        scores = label_log_scores(codec, model, soft, 2, 64, 8, trainer_model.choose_runtime("cpu", quiet))
+        expected = -sum(qi[k] * float(scores[i, k]) for i, qi in enumerate(q) for k in range(2))
+        assert float(target_nll_sum("decoder", model, codec.collate(soft, 64))) == pytest.approx(expected, rel=1e-5)
+        lengths = [len(a) for a in codec.answers]
+        assert float(codec.collate(soft, 64)["n_targets"]) == pytest.approx(
+            sum(a * lengths[0] + b * lengths[1] for a, b in q)
+        )
+
+    log_probs = torch.log_softmax(torch.tensor([[1.0, -1.0], [0.2, 0.3]]), dim=-1)
+
+    class Logits(torch.nn.Module):
+        def forward(self, input_ids, attention_mask):
+            return type("Output", (), {"logits": log_probs})()
+
+    batch = {"input_ids": None, "attention_mask": None, "distributions": torch.tensor([[0.3, 0.7], [1.0, 0.0]])}
+    expected = -(0.3 * log_probs[0, 0] + 0.7 * log_probs[0, 1] + log_probs[1, 0])
+    torch.testing.assert_close(target_nll_sum("encoder", Logits(), batch), expected)
+
+
+def test_soft_labels_and_smoothing_train_and_validation_stays_on_the_hard_labels(
+    tiny_llama: Path, decoder_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    rows = [json.loads(line) for line in decoder_data[0].read_text().splitlines()]
+    # The teacher's P(toxic): confident on most rows, unsure on some, missing on others.
+    soft_rows = [r | {"p_toxic": None if i % 5 == 0 else (0.9 if r["label"] else 0.15)} for i, r in enumerate(rows)]
+    train_path = write_jsonl(soft_rows, tmp_path / "soft.jsonl")
+    settings = {"epochs": 1, "eval_every_steps": None, "positive_label": 1}
+    spec = decoder_spec(tiny_llama, (train_path, decoder_data[1]), tmp_path / "soft", **settings)
+    soft = dataclasses.replace(spec, soft_label_column="p_toxic", soft_label_weight=0.7, label_smoothing=0.1)
+    soft_result = train(soft, log=quiet)
+    hard_result = train(dataclasses.replace(spec, output_dir=str(tmp_path / "hard")), log=quiet)
+    assert soft_result.steps == hard_result.steps == 12
+    soft_losses = [m["loss"] for m in read_metrics(tmp_path / "soft") if "loss" in m]
+    hard_losses = [m["loss"] for m in read_metrics(tmp_path / "hard") if "loss" in m]
+    # The first step starts from the same weights on the same rows: only the targets differ.
+    assert all(math.isfinite(x) for x in soft_losses)
+    assert soft_losses[0] != pytest.approx(hard_losses[0], rel=1e-5)
+    # Validation scores the hard labels: the exported adapter's loss on them is the reported one.
+    student = load_student(tmp_path / "soft" / "adapter", log=quiet)
+    val_rows = [json.loads(line) for line in decoder_data[1].read_text().splitlines()]
+    examples = [
+        Example(ids, r["label"])
+        for ids, r in zip(
+            student.codec.encode([r["input"] for r in val_rows], student.max_length), val_rows, strict=True
+        )
+    ]
+    scores = label_log_scores(student.codec, student.model, examples, 2, student.max_length, 8, student.runtime)
+    n_answer_tokens = sum(len(student.codec.answers[e.target]) for e in examples)
+    hard_loss = -sum(float(scores[i, e.target]) for i, e in enumerate(examples)) / n_answer_tokens
+    assert hard_loss == pytest.approx(soft_result.val_loss, rel=1e-5)
+    assert soft_result.val_loss != pytest.approx(hard_result.val_loss, rel=1e-6)
+
+    # A soft value outside [0, 1] is refused, naming the column and the row.
+    bad = write_jsonl([*soft_rows[:3], soft_rows[3] | {"p_toxic": 1.7}], tmp_path / "bad.jsonl")
+    with pytest.raises(ValueError, match=r"'p_toxic' must hold probabilities in \[0, 1\].*first at row 3"):
+        train(dataclasses.replace(soft, train_path=str(bad), output_dir=str(tmp_path / "bad")), log=quiet)
+
+
+def test_a_full_finetune_trains_every_weight_and_predicts_from_its_own_folder(
+    tiny_llama: Path, decoder_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    spec = decoder_spec(tiny_llama, decoder_data, tmp_path / "run", epochs=1, eval_every_steps=None, full_finetune=True)
+    result = train(spec, log=quiet)
+    adapter = tmp_path / "run" / "adapter"
+    assert result.full_finetune and result.target_modules == []
+    assert (adapter / "model.safetensors").exists() and (adapter / "config.json").exists()
+    assert not (adapter / "adapter_config.json").exists()
+    assert json.loads((adapter / "student.json").read_text())["weights"] == "full"
+    base, tuned = load_file(tiny_llama / "model.safetensors"), load_file(adapter / "model.safetensors")
+    # Every weight moved, the frozen-in-LoRA ones too (embeddings, norms, MLPs).
+    changed = [name for name in base if not torch.allclose(base[name].float(), tuned[name].float())]
+    assert len(changed) == len(base)
+    student = load_student(adapter, log=quiet)
+    labels, scores = student.predict(["this article is stupid", "thanks for the edit"])
+    assert set(labels) <= {0, 1} and all(abs(sum(s) - 1.0) < 1e-5 for s in scores)
+
+
+def test_a_decoder_gets_lora_on_every_linear_layer_by_default(
+    tiny_llama: Path, decoder_data: tuple[Path, Path], tmp_path: Path
+) -> None:
+    result = train(decoder_spec(tiny_llama, decoder_data, tmp_path / "run", epochs=1, eval_every_steps=None), log=quiet)
+    assert result.target_modules == ["down_proj", "gate_proj", "k_proj", "o_proj", "q_proj", "up_proj", "v_proj"]

@@ -2,12 +2,18 @@
 
 A checkpoint is a folder ``checkpoint-<step>`` holding everything needed to continue exactly:
 
-    adapter/                  the LoRA weights now (PEFT save_pretrained: a usable adapter)
-    best_adapter.safetensors  the trainable weights at the best validation loss so far, if any
-    optimizer.safetensors     the optimiser's tensors  } no pickle anywhere: tensors as
-    rng.safetensors           torch's RNG states       } safetensors, the rest as JSON
-    state.json                step, sampler position, early-stopping state, optimiser and
-                              scheduler settings, Python's RNG state; written last
+    weights.safetensors       the trainable weights now, by parameter name (LoRA and head, or
+                              every weight of a full fine-tune)
+    best.safetensors          the trainable weights at the best validation loss so far, if any
+    optimizer.safetensors     the optimiser's tensors (no pickle anywhere: tensors as
+                              safetensors, the rest as JSON)
+    state.json                step, early-stopping state, the number of processes that wrote it,
+                              optimiser, scheduler and gradient-scaler settings; written last
+
+No RNG state is kept: the trainer seeds each optimiser step from (seed, rank, step), so a resumed
+run draws the same dropout masks whatever number of processes wrote the checkpoint. Under
+torchrun the process of rank 0 writes it, from weights gathered from every process, and the
+others wait at a barrier until it is in place.
 
 It is written as ``ckpt-tmp``, every file fsynced, then renamed into place (rename is atomic), so
 a ``checkpoint-<step>`` folder is complete by construction; a leftover ``ckpt-tmp`` from a killed
@@ -21,9 +27,9 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +38,8 @@ from safetensors.torch import load_file, save_file
 
 KEEP_CHECKPOINTS = 2
 TMP_NAME = "ckpt-tmp"
+WEIGHTS_FILE = "weights.safetensors"
+BEST_FILE = "best.safetensors"
 _CHECKPOINT_NAME = re.compile(r"^checkpoint-(\d+)$")
 
 
@@ -86,7 +94,9 @@ def checkpoints(output_dir: Path) -> list[tuple[int, Path]]:
     found = []
     for path in output_dir.iterdir() if output_dir.exists() else []:
         match = _CHECKPOINT_NAME.match(path.name)
-        if match and path.is_dir() and (path / "state.json").exists():
+        # state.json is written last, so its presence marks a complete checkpoint; one without
+        # weights.safetensors is of an older layout and is not resumed from.
+        if match and path.is_dir() and (path / "state.json").exists() and (path / WEIGHTS_FILE).exists():
             found.append((int(match.group(1)), path))
     return sorted(found)
 
@@ -109,55 +119,42 @@ def _split_optimizer_state(state_dict: dict[str, Any]) -> tuple[dict[str, torch.
 
 
 def _join_optimizer_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
+    # Parameters are numbered by a plain optimiser's state_dict, named by FSDP's full one.
+    def key_of(param_id: str) -> int | str:
+        return int(param_id) if param_id.isdigit() else param_id
+
+    state: dict[int | str, dict[str, Any]] = {}
     for key, tensor in tensors.items():
         param_id, name = key.split("/", 1)
-        state.setdefault(int(param_id), {})[name] = tensor
+        state.setdefault(key_of(param_id), {})[name] = tensor
     for param_id, values in meta["scalars"].items():
-        state.setdefault(int(param_id), {}).update(values)
+        state.setdefault(key_of(param_id), {}).update(values)
     return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def _rng_tensors() -> dict[str, torch.Tensor]:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda/{index}"] = state
-    return tensors
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], python_state: list[Any]) -> None:
-    torch.set_rng_state(tensors["torch"])
-    cuda_states = [tensors[f"cuda/{i}"] for i in range(len(tensors) - 1)]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
-    version, internal, gauss = python_state
-    random.setstate((version, tuple(internal), gauss))
 
 
 def save_checkpoint(
     output_dir: Path,
     step: int,
-    model,
-    optimizer: torch.optim.Optimizer,
-    scheduler,
+    weights: dict[str, torch.Tensor],
+    optimizer_state: dict[str, Any],
+    scheduler_state: dict[str, Any],
     trainer_state: dict[str, Any],
     best_weights: dict[str, torch.Tensor] | None,
+    scaler_state: dict[str, Any] | None = None,
 ) -> Path:
     tmp = output_dir / TMP_NAME
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    model.save_pretrained(tmp / "adapter")
-    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer.state_dict())
+    save_file(weights, tmp / WEIGHTS_FILE)
+    optimizer_tensors, optimizer_meta = _split_optimizer_state(optimizer_state)
     save_file(optimizer_tensors, tmp / "optimizer.safetensors")
-    save_file(_rng_tensors(), tmp / "rng.safetensors")
     if best_weights is not None:
-        save_file(best_weights, tmp / "best_adapter.safetensors")
+        save_file(best_weights, tmp / BEST_FILE)
     state = {
         "trainer": trainer_state,
         "optimizer": optimizer_meta,
-        "scheduler": scheduler.state_dict(),
-        "python_rng": random.getstate(),
+        "scheduler": scheduler_state,
+        "scaler": scaler_state,
     }
     (tmp / "state.json").write_text(json.dumps(state, indent=2) + "\n")
     final = output_dir / f"checkpoint-{step}"
@@ -167,21 +164,30 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(
-    path: Path, model, optimizer: torch.optim.Optimizer, scheduler
-) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore model, optimiser, scheduler and RNGs in place; return (trainer state, best weights)."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
+@dataclass
+class Checkpoint:
+    trainer_state: dict[str, Any]
+    weights: dict[str, torch.Tensor]
+    optimizer_state: dict[str, Any]
+    scheduler_state: dict[str, Any]
+    best_weights: dict[str, torch.Tensor] | None
+    scaler_state: dict[str, Any] | None
 
+
+def read_trainer_state(path: Path) -> dict[str, Any]:
+    """The trainer's own state in a checkpoint (step, processes, early stopping), without its tensors."""
+    return json.loads((path / "state.json").read_text())["trainer"]
+
+
+def load_checkpoint(path: Path) -> Checkpoint:
+    """Everything a checkpoint holds, tensors on the CPU; the caller puts them in place."""
     state = json.loads((path / "state.json").read_text())
-    device = next(model.parameters()).device
-    result = set_peft_model_state_dict(model, load_peft_weights(str(path / "adapter"), device=str(device)))
-    if getattr(result, "unexpected_keys", None):
-        raise RuntimeError(f"{path}: checkpoint does not match the model: {result.unexpected_keys[:5]}")
-    optimizer.load_state_dict(_join_optimizer_state(load_file(path / "optimizer.safetensors"), state["optimizer"]))
-    scheduler.load_state_dict(state["scheduler"])
-    _restore_rng(load_file(path / "rng.safetensors"), state["python_rng"])
-    best_path = path / "best_adapter.safetensors"
-    best = load_file(best_path) if best_path.exists() else None
-    return state["trainer"], best
+    best_path = path / BEST_FILE
+    return Checkpoint(
+        trainer_state=state["trainer"],
+        weights=load_file(path / WEIGHTS_FILE),
+        optimizer_state=_join_optimizer_state(load_file(path / "optimizer.safetensors"), state["optimizer"]),
+        scheduler_state=state["scheduler"],
+        best_weights=load_file(best_path) if best_path.exists() else None,
+        scaler_state=state.get("scaler"),
+    )

@@ -56,6 +56,32 @@ def sha256_rows(texts: Sequence[str], labels: Sequence[int]) -> str:
 
 def load_table(path: str | Path, text_column: str, label_column: str) -> tuple[list[str], list[int]]:
     """The text and integer label columns of a local Parquet or JSON Lines file."""
+    table = _read_table(path, [text_column, label_column])
+    texts = table[text_column]
+    labels = table[label_column]
+    bad = [i for i, (t, y) in enumerate(zip(texts, labels, strict=True)) if not isinstance(t, str) or y is None]
+    if bad:
+        raise ValueError(f"{path}: {len(bad)} row(s) without a text or label, first at row {bad[0]}")
+    return list(texts), [int(y) for y in labels]
+
+
+def load_soft_labels(path: str | Path, column: str) -> list[float | None]:
+    """A column of P(positive) in [0, 1], None where a row has none (it then trains on its hard label)."""
+    values = _read_table(path, [column])[column]
+    bad = [
+        i
+        for i, p in enumerate(values)
+        if p is not None and (isinstance(p, bool) or not isinstance(p, int | float) or not 0.0 <= p <= 1.0)
+    ]
+    if bad:
+        raise ValueError(
+            f"{path}: column {column!r} must hold probabilities in [0, 1] or nulls; "
+            f"{len(bad)} row(s) do not, first at row {bad[0]} ({values[bad[0]]!r})"
+        )
+    return [None if p is None else float(p) for p in values]
+
+
+def _read_table(path: str | Path, columns: list[str]):
     from datasets import load_dataset
 
     suffix = Path(path).suffix.lower()
@@ -66,15 +92,40 @@ def load_table(path: str | Path, text_column: str, label_column: str) -> tuple[l
     else:
         raise ValueError(f"{path}: expected a .parquet or .jsonl file")
     table = load_dataset(builder, data_files=str(path), split="train")
-    missing = [c for c in (text_column, label_column) if c not in table.column_names]
+    missing = [c for c in columns if c not in table.column_names]
     if missing:
         raise ValueError(f"{path}: missing column(s) {missing}; it has {table.column_names}")
-    texts = table[text_column]
-    labels = table[label_column]
-    bad = [i for i, (t, y) in enumerate(zip(texts, labels, strict=True)) if not isinstance(t, str) or y is None]
-    if bad:
-        raise ValueError(f"{path}: {len(bad)} row(s) without a text or label, first at row {bad[0]}")
-    return list(texts), [int(y) for y in labels]
+    return table
+
+
+def target_distributions(
+    targets: Sequence[int],
+    n_labels: int,
+    *,
+    soft: Sequence[float | None] | None = None,
+    positive: int | None = None,
+    soft_weight: float = 1.0,
+    smoothing: float = 0.0,
+) -> list[list[float]]:
+    """Each row's training target as a distribution over the labels.
+
+    The hard label one-hot; where a soft P(positive) is given, ``soft_weight`` of the mass moves
+    to (1 - p, p) over the two labels (``positive`` indexes the positive one); then label
+    smoothing keeps ``1 - smoothing`` of it and spreads ``smoothing`` evenly over every label.
+    """
+    if soft is not None and (positive is None or n_labels != 2):
+        raise ValueError("soft labels are P(positive) of a two-label task: they need a positive label")
+    rows = []
+    for i, target in enumerate(targets):
+        q = [0.0] * n_labels
+        q[target] = 1.0
+        p = soft[i] if soft is not None else None
+        if p is not None:
+            q = [(1.0 - soft_weight) * value for value in q]
+            q[positive] += soft_weight * p
+            q[1 - positive] += soft_weight * (1.0 - p)
+        rows.append([(1.0 - smoothing) * value + smoothing / n_labels for value in q])
+    return rows
 
 
 def split_validation(n_rows: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
@@ -115,6 +166,9 @@ class Example:
 
     ids: list[int]
     target: int  # index into the LabelSet
+    # The training target as a distribution over the labels (soft labels, label smoothing);
+    # None: the one-hot of ``target``.
+    distribution: tuple[float, ...] | None = None
 
 
 class EncoderCodec:
@@ -136,7 +190,12 @@ class EncoderCodec:
     def length(self, example: Example) -> int:
         return len(example.ids)
 
+    def target_count(self, example: Example) -> float:
+        """What one example adds to the loss's denominator: one row."""
+        return 1.0
+
     def collate(self, examples: Sequence[Example], max_length: int) -> dict[str, torch.Tensor]:
+        """Padded rows; ``distributions`` [rows, labels] too when the examples carry soft targets."""
         width = max(len(e.ids) for e in examples)
         if width > max_length:
             raise ValueError(f"an example of {width} tokens exceeds max_length {max_length}")
@@ -145,13 +204,19 @@ class EncoderCodec:
         for row, example in enumerate(examples):
             input_ids[row, : len(example.ids)] = torch.tensor(example.ids)
             attention_mask[row, : len(example.ids)] = 1
-        return {
+        batch = {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
             "targets": torch.tensor([e.target for e in examples]),
             "n_tokens": torch.tensor(int(attention_mask.sum())),
             "n_targets": torch.tensor(len(examples)),
         }
+        if any(e.distribution is not None for e in examples):
+            n_labels = len(next(e.distribution for e in examples if e.distribution is not None))
+            batch["distributions"] = torch.tensor(
+                [e.distribution or [float(label == e.target) for label in range(n_labels)] for e in examples]
+            )
+        return batch
 
 
 class DecoderCodec:
@@ -207,13 +272,40 @@ class DecoderCodec:
     def length(self, example: Example) -> int:
         return len(example.ids) + len(self.answers[example.target])
 
+    def target_count(self, example: Example) -> float:
+        """What one example adds to the loss's denominator: its answer tokens, expected under its
+        target distribution (the hard label's answer length without one)."""
+        if example.distribution is None:
+            return float(len(self.answers[example.target]))
+        return sum(q * len(answer) for q, answer in zip(example.distribution, self.answers, strict=True))
+
     def collate(self, examples: Sequence[Example], max_length: int) -> dict[str, torch.Tensor]:
         """Packed rows of prompt+answer sequences.
 
         ``labels[b, t]`` is the token at t when it is an answer token, else -100;
         ``predict_mask[b, t]`` marks the positions whose next token is a target, in the order of
         ``targets`` and ``target_example`` (the example, within this batch, a target belongs to).
+
+        Examples with a target distribution are trained against every label's answer: one
+        sequence per label of non-zero weight, and ``target_weights`` gives each answer token
+        its label's weight, so the loss is the cross-entropy between the distribution and the
+        answers' likelihoods (summed over tokens). It costs a forward per label.
         """
+        if any(e.distribution is not None for e in examples):
+            weighted = [
+                (Example(e.ids, label), q)
+                for e in examples
+                for label, q in enumerate(
+                    e.distribution or [float(lab == e.target) for lab in range(len(self.answers))]
+                )
+                if q > 0.0
+            ]
+            batch = self.collate([candidate for candidate, _ in weighted], max_length)
+            weights = torch.tensor([q for _, q in weighted])
+            batch["target_weights"] = weights[batch["target_example"]]
+            batch["n_targets"] = torch.tensor(sum(self.target_count(e) for e in examples))
+            batch["n_tokens"] = torch.tensor(sum(self.length(e) for e in examples))
+            return batch
         sequences = [e.ids + self.answers[e.target] for e in examples]
         lengths = [len(s) for s in sequences]
         rows = pack_first_fit(lengths, max_length) if self.packing else [[i] for i in range(len(sequences))]

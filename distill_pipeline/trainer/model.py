@@ -87,7 +87,7 @@ def resolve_base_model(base_model: str | None) -> str:
 
 @dataclass(frozen=True)
 class Runtime:
-    """Where the student runs: CUDA with bf16 autocast, or CPU in float32."""
+    """Where the student runs: CUDA with bf16 (fp16 where bf16 is not native) autocast, or CPU in float32."""
 
     device: torch.device
     autocast_dtype: torch.dtype | None
@@ -101,16 +101,36 @@ class Runtime:
     def weights_dtype(self) -> torch.dtype:
         return self.autocast_dtype or torch.float32
 
+    @property
+    def needs_grad_scaler(self) -> bool:
+        """fp16 gradients underflow without loss scaling; bf16 has float32's range and needs none."""
+        return self.autocast_dtype == torch.float16
 
-def choose_runtime(device: str, log: Log) -> Runtime:
+
+def bf16_is_native() -> bool:
+    """Whether the GPU computes in bf16 itself (Ampere and later), not emulated at a loss of speed."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # a torch from before the argument existed
+        return torch.cuda.is_bf16_supported()
+
+
+def choose_runtime(device: str, log: Log, *, local_rank: int | None = None) -> Runtime:
+    """The device and precision; under torchrun ``device="auto"`` (or ``"cuda"``) is this process's
+    own GPU, ``cuda:LOCAL_RANK``."""
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and local_rank is not None:
+        device = f"cuda:{local_rank}"
     chosen = torch.device(device)
     if chosen.type == "cuda":
+        if chosen.index is not None:
+            torch.cuda.set_device(chosen)
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
-        bf16 = torch.cuda.is_bf16_supported()
-        log(f"device: {torch.cuda.get_device_name(chosen)}, {'bf16' if bf16 else 'fp16'} autocast, SDPA attention")
+        bf16 = bf16_is_native()
+        precision = "bf16 autocast" if bf16 else "fp16 autocast with a gradient scaler (bf16 is not native here)"
+        log(f"device: {torch.cuda.get_device_name(chosen)} ({chosen}), {precision}, SDPA attention")
         return Runtime(chosen, torch.bfloat16 if bf16 else torch.float16)
     log(
         f"NOTICE: no CUDA device in use; training on {chosen.type} in float32, which is only practical for small models"
@@ -147,17 +167,34 @@ def load_tokenizer(base_model: str):
     return AutoTokenizer.from_pretrained(base_model)
 
 
-def load_base_model(kind: str, base_model: str, labels: LabelSet, runtime: Runtime):
-    """The frozen base: a sequence classifier (new head) or a causal LM, with SDPA attention.
+def load_base_model(
+    kind: str,
+    base_model: str,
+    labels: LabelSet,
+    runtime: Runtime,
+    *,
+    dtype: torch.dtype | None = None,
+    device: torch.device | None = None,
+):
+    """The base: a sequence classifier (new head) or a causal LM, with SDPA attention.
 
-    Weights load from safetensors only: a local folder is checked first (for a clear error), and
-    transformers is told not to fall back to a pickled ``pytorch_model.bin`` from a hub either.
+    The weights are read straight onto ``device`` (the runtime's by default) in ``dtype`` (the
+    runtime's: bf16 or fp16 on a GPU), never materialised in float32 on the CPU first: an 8B base
+    is 16 GB in bf16, and 32 GB more of host memory per process otherwise. Weights load from
+    safetensors only: a local folder is checked first (for a clear error), and transformers is
+    told not to fall back to a pickled ``pytorch_model.bin`` from a hub either.
     """
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if Path(base_model).is_dir():
         check_safetensors_folder(Path(base_model))
-    common = {"dtype": runtime.weights_dtype, "attn_implementation": "sdpa", "use_safetensors": True}
+    device = device or runtime.device
+    common = {
+        "dtype": dtype or runtime.weights_dtype,
+        "attn_implementation": "sdpa",
+        "use_safetensors": True,
+        "device_map": {"": device},
+    }
     if kind == "encoder":
         model = AutoModelForSequenceClassification.from_pretrained(
             base_model,
@@ -168,7 +205,11 @@ def load_base_model(kind: str, base_model: str, labels: LabelSet, runtime: Runti
         )
     else:
         model = AutoModelForCausalLM.from_pretrained(base_model, **common)
-    return model.to(runtime.device)
+    return model
+
+
+#: A decoder's LoRA targets when none are named: every linear layer but the output head.
+DECODER_DEFAULT_TARGETS = "all-linear"
 
 
 def lora_config(kind: str, r: int, alpha: int, dropout: float, target_modules: Sequence[str] | None):
@@ -176,13 +217,28 @@ def lora_config(kind: str, r: int, alpha: int, dropout: float, target_modules: S
 
     # For SEQ_CLS, PEFT adds the classification head ("classifier"/"score") to modules_to_save:
     # the head is trained in full and saved inside the adapter.
+    if target_modules is not None:
+        targets: list[str] | str | None = list(target_modules)
+    else:
+        targets = DECODER_DEFAULT_TARGETS if kind == "decoder" else None
     return LoraConfig(
         task_type=TaskType.SEQ_CLS if kind == "encoder" else TaskType.CAUSAL_LM,
         r=r,
         lora_alpha=alpha,
         lora_dropout=dropout,
-        target_modules=list(target_modules) if target_modules is not None else None,
+        target_modules=targets,
     )
+
+
+def enable_gradient_checkpointing(model) -> None:
+    """Recompute each layer's activations in the backward pass, non-reentrant."""
+    non_reentrant = {"use_reentrant": False}
+    # transformers 5.x renamed gradient_checkpointing_enable (a deprecated alias until v6);
+    # the earliest 5.x releases have only the old name.
+    if hasattr(model, "activation_checkpointing_enable"):
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
 
 
 def add_lora(model, config, *, gradient_checkpointing: bool = False):
@@ -196,18 +252,63 @@ def add_lora(model, config, *, gradient_checkpointing: bool = False):
     from peft import get_peft_model
 
     if gradient_checkpointing:
-        non_reentrant = {"use_reentrant": False}
-        # transformers 5.x renamed gradient_checkpointing_enable (a deprecated alias until v6);
-        # the earliest 5.x releases have only the old name.
-        if hasattr(model, "activation_checkpointing_enable"):
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs=non_reentrant)
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=non_reentrant)
+        enable_gradient_checkpointing(model)
+        # Only the LoRA weights need gradients, so no input of a checkpointed layer would require
+        # grad; the hook keeps gradients flowing should any layer fall back to reentrant
+        # checkpointing (which silently drops them otherwise).
+        model.enable_input_require_grads()
     student = get_peft_model(model, config)
     for parameter in student.parameters():
         if parameter.requires_grad:
             parameter.data = parameter.data.float()
     return student
+
+
+def full_student(model, *, gradient_checkpointing: bool = False):
+    """The base itself, every weight trainable and kept in float32 (autocast computes in bf16)."""
+    if gradient_checkpointing:
+        enable_gradient_checkpointing(model)
+    for parameter in model.parameters():
+        parameter.requires_grad_(True)
+        parameter.data = parameter.data.float()
+    return model
+
+
+def trainable_named_parameters(model) -> list[tuple[str, torch.nn.Parameter]]:
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """The trainable weights, whole, on the CPU, by parameter name (a LoRA student's adapter and
+    head; every weight of a full fine-tune). Sharded (FSDP) weights are gathered, so every process
+    must call this together."""
+    state = {}
+    for name, parameter in trainable_named_parameters(model):
+        tensor = parameter.detach()
+        if hasattr(tensor, "full_tensor"):  # a DTensor shard
+            tensor = tensor.full_tensor()
+        state[name] = tensor.cpu().clone().contiguous()
+    return state
+
+
+def load_trainable_state(model, state: dict[str, torch.Tensor]) -> None:
+    """Copy ``trainable_state`` values back into the model's trainable weights (sharding them again under FSDP)."""
+    names = dict(trainable_named_parameters(model))
+    if set(names) != set(state):
+        missing, unexpected = sorted(set(names) - set(state)), sorted(set(state) - set(names))
+        raise RuntimeError(f"weights do not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    with torch.no_grad():
+        for name, parameter in names.items():
+            value = state[name]
+            if hasattr(parameter, "device_mesh"):
+                from torch.distributed.tensor import distribute_tensor
+
+                value = distribute_tensor(
+                    value.to(parameter.device_mesh.device_type), parameter.device_mesh, parameter.placements
+                )
+                parameter.to_local().copy_(value.to_local())
+            else:
+                parameter.copy_(value.to(parameter.device))
 
 
 def encoder_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -232,10 +333,21 @@ def decoder_target_log_probs(model, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 
 def target_nll_sum(kind: str, model, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """The summed negative log-likelihood of a batch's targets (divide by n_targets for the mean)."""
+    """The summed negative log-likelihood of a batch's targets (divide by n_targets for the mean).
+
+    With target distributions (soft labels, label smoothing) it is the cross-entropy against
+    them: an encoder row's log-probabilities weighted by its distribution; a decoder's answer
+    tokens, one sequence per label, weighted by their label's share.
+    """
     if kind == "encoder":
-        return -encoder_log_probs(model, batch).gather(1, batch["targets"][:, None]).sum()
-    return -decoder_target_log_probs(model, batch).sum()
+        log_probs = encoder_log_probs(model, batch)
+        if "distributions" in batch:
+            return -(log_probs * batch["distributions"]).sum()
+        return -log_probs.gather(1, batch["targets"][:, None]).sum()
+    per_token = decoder_target_log_probs(model, batch)
+    if "target_weights" in batch:
+        return -(per_token * batch["target_weights"]).sum()
+    return -per_token.sum()
 
 
 def to_device(batch: dict[str, torch.Tensor], device: torch.device) -> dict[str, torch.Tensor]:

@@ -45,6 +45,10 @@ from distill_pipeline.trainer.model import (
 STUDENT_FILE = "student.json"
 # The only adapter weights loaded: PEFT would fall back to a pickled adapter_model.bin without it.
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# student.json's "weights": a LoRA adapter over the recorded base, or (a full fine-tune) the
+# whole model, saved by save_pretrained in the same folder (config.json, *.safetensors).
+LORA_WEIGHTS = "lora"
+FULL_WEIGHTS = "full"
 
 
 def make_codec(
@@ -80,9 +84,12 @@ def student_metadata(
     max_length: int,
     prompt_template: str,
     decision: DecisionRule | None = None,
+    *,
+    full_model: bool = False,
 ) -> dict[str, Any]:
     return {
         "student_kind": kind,
+        "weights": FULL_WEIGHTS if full_model else LORA_WEIGHTS,
         # As given in the spec: None is the packaged MiniLM, re-checked wherever it is loaded.
         "base_model": base_model,
         "label_values": labels.values,
@@ -167,11 +174,24 @@ def load_student(
     ``base_model`` overrides the base recorded at training time (e.g. the hub id where the
     trainer used a local copy). The adapter's weights must be ``adapter_model.safetensors`` and
     the base's safetensors too; anything else is a :class:`WeightsError`, raised before loading.
+    A full fine-tune's folder holds the whole model instead, loaded from its own safetensors.
     """
     from peft import PeftModel
 
     adapter_dir = Path(adapter_dir)
-    for name in ("adapter_config.json", STUDENT_FILE, ADAPTER_WEIGHTS):
+    if not (adapter_dir / STUDENT_FILE).is_file():
+        raise WeightsError(
+            f"the adapter folder {adapter_dir} has no {STUDENT_FILE}: it is not an adapter the trainer wrote"
+        )
+    meta = json.loads((adapter_dir / STUDENT_FILE).read_text())
+    if meta.get("weights", LORA_WEIGHTS) == FULL_WEIGHTS:
+        labels = _label_set(meta, adapter_dir)
+        runtime = choose_runtime(device, log)
+        with quiet_loading():
+            # load_base_model refuses a folder without readable safetensors.
+            model = load_base_model(meta["student_kind"], str(adapter_dir), labels, runtime).eval()
+        return _student(model, load_tokenizer(str(adapter_dir)), meta, labels, runtime)
+    for name in ("adapter_config.json", ADAPTER_WEIGHTS):
         if not (adapter_dir / name).is_file():
             why = " (weights load from safetensors only, never from a pickled adapter_model.bin)"
             raise WeightsError(
@@ -179,8 +199,7 @@ def load_student(
                 + (why if name == ADAPTER_WEIGHTS else "")
             )
     check_safetensors(adapter_dir / ADAPTER_WEIGHTS)
-    meta = json.loads((adapter_dir / STUDENT_FILE).read_text())
-    labels = LabelSet(list(meta["label_values"]), list(meta["label_names"]))
+    labels = _label_set(meta, adapter_dir)
     runtime = choose_runtime(device, log)
     base = resolve_base_model(base_model or meta["base_model"])
     tokenizer = load_tokenizer(str(adapter_dir))
@@ -188,6 +207,17 @@ def load_student(
         # The base's classifier head is new here; the adapter's saved head replaces it just below.
         model = load_base_model(meta["student_kind"], base, labels, runtime)
         model = PeftModel.from_pretrained(model, str(adapter_dir)).to(runtime.device).eval()
+    return _student(model, tokenizer, meta, labels, runtime)
+
+
+def _label_set(meta: dict[str, Any], adapter_dir: Path) -> LabelSet:
+    missing = [key for key in ("label_values", "label_names", "student_kind", "prompt_template") if key not in meta]
+    if missing:
+        raise WeightsError(f"{adapter_dir / STUDENT_FILE} lacks {', '.join(missing)}: it is not one the trainer wrote")
+    return LabelSet(list(meta["label_values"]), list(meta["label_names"]))
+
+
+def _student(model, tokenizer, meta: dict[str, Any], labels: LabelSet, runtime: Runtime) -> Student:
     codec = make_codec(meta["student_kind"], tokenizer, labels, meta["prompt_template"], packing=True)
     rule = meta.get("decision")
     decision = None

@@ -18,6 +18,9 @@ from typing import Literal
 
 StudentKind = Literal["encoder", "decoder"]
 LrSchedule = Literal["linear", "cosine", "constant"]
+# How several processes (torchrun) share the work: "ddp" keeps a whole model on every GPU and
+# averages gradients; "fsdp" shards the weights, gradients and optimiser state over the GPUs.
+Distributed = Literal["ddp", "fsdp"]
 
 INPUT_PLACEHOLDER = "{input}"
 DEFAULT_PROMPT_TEMPLATE = "Classify the text.\nText: {input}\nAnswer:"
@@ -34,8 +37,13 @@ class StudentSettings:
     lora_r: int = 8
     lora_alpha: int = 16
     lora_dropout: float = 0.05
-    # None: PEFT's per-architecture default (BERT: query, value; Llama/Qwen/Mistral: q_proj, v_proj).
+    # None: for a decoder every linear layer but the output head (PEFT's "all-linear"), which is
+    # what closes most of the gap to a full fine-tune; for an encoder PEFT's default (BERT:
+    # query, value).
     target_modules: list[str] | None = None
+    # Train every weight of the base instead of LoRA weights (the LoRA fields are then unused);
+    # adapter/ then holds the whole model as safetensors, for comparison with the LoRA student.
+    full_finetune: bool = False
     # None: the 95th percentile of the training set's tokenised lengths, rounded up to a
     # multiple of 8 and capped by max_length_cap and the model's position limit.
     max_length: int | None = None
@@ -56,8 +64,17 @@ class StudentSettings:
     warmup_ratio: float = 0.06
     weight_decay: float = 0.0
     max_grad_norm: float | None = 1.0
+    # Cross-entropy against (1 - e) * target + e / labels, over the label set (a decoder: over its
+    # labels' whole answers), so the student is not pushed to certainty on noisy teacher labels.
+    label_smoothing: float = 0.0
+    # With a soft_label_column: the target is this weight on the soft distribution (1 - p, p) and
+    # the rest on the hard label. Rows without a soft value use the hard label.
+    soft_label_weight: float = 1.0
+    # Per process: under torchrun each of N processes takes batch_size examples of every global
+    # micro-batch, so an optimiser step sees batch_size * grad_accum_steps * N examples.
     batch_size: int = 16
     grad_accum_steps: int = 1
+    distributed: Distributed = "ddp"
     # Recompute each layer's activations in the backward pass instead of keeping them: less
     # memory for longer sequences or larger batches, about a third more compute per step.
     gradient_checkpointing: bool = False
@@ -121,6 +138,12 @@ class StudentSettings:
             problems.append("weight_decay must not be negative")
         if self.max_grad_norm is not None and self.max_grad_norm <= 0.0:
             problems.append("max_grad_norm must be positive or null")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            problems.append("label_smoothing must be in [0, 1)")
+        if not 0.0 <= self.soft_label_weight <= 1.0:
+            problems.append("soft_label_weight must be in [0, 1]")
+        if self.full_finetune and self.merged_export:
+            problems.append("merged_export merges LoRA weights; a full_finetune's adapter/ already is the whole model")
         return problems
 
 
@@ -134,6 +157,10 @@ class TrainSpec(StudentSettings):
     validation_path: str | None = None
     text_column: str = "input"
     label_column: str = "label"
+    # Two labels only: a column of P(positive) in [0, 1] (e.g. the teacher's own probability),
+    # trained against as soft targets (soft_label_weight); null cells use the hard label.
+    # Validation always scores the hard labels.
+    soft_label_column: str | None = None
     # None: the sorted distinct labels of the training data.
     label_values: list[int] | None = None
     # None: the values as text. A decoder student is trained to answer with these names.
@@ -163,6 +190,10 @@ class TrainSpec(StudentSettings):
             self.label_values is None or self.positive_label not in self.label_values or len(self.label_values) != 2
         ):
             problems.append("positive_label needs exactly two label_values, one of them the positive_label")
+        if self.soft_label_column is not None and self.positive_label is None:
+            problems.append("soft_label_column needs positive_label (soft targets are P(positive) of two labels)")
+        if self.soft_label_column is not None and self.soft_label_column in (self.text_column, self.label_column):
+            problems.append("soft_label_column must be a column of its own, not the text or label column")
         return problems
 
     def to_json(self) -> str:

@@ -1,22 +1,33 @@
 """Train a LoRA student from a TrainSpec: ``python -m distill_pipeline.trainer.train --spec spec.json``.
 
+Several GPUs: ``torchrun --nproc-per-node N -m distill_pipeline.trainer.train --spec spec.json``
+(the same spec; ``distributed`` picks DDP or FSDP).
+
 One straight path, top to bottom:
 
 1. claim the output folder (spec.json; a finished run is returned as is, a different spec refused)
-2. seed everything; pick the device (CUDA: bf16 autocast + SDPA; else CPU, with a notice)
-3. load the tables, fix the label set, split off validation rows, hash the data
-4. load the base model and wrap it with LoRA; choose max_length from the data; tokenise
+2. seed everything; pick the device (CUDA: bf16 autocast, fp16 + a gradient scaler where bf16
+   is not native, SDPA; else CPU, with a notice); under torchrun join the process group
+3. load the tables, fix the label set and the target distributions (soft labels, label
+   smoothing), split off validation rows, hash the data
+4. load the base model straight onto its device, wrap it with LoRA (or train it whole); choose
+   max_length from the data; tokenise; wrap the student in DDP or FSDP under torchrun
 5. the number of epochs (more on a small set, for min_train_steps); AdamW on the trainable
    parameters, warmup + linear/cosine/constant schedule
 6. resume from the last complete checkpoint if there is one
-7. loop: length-bucketed micro-batches, gradient accumulation, clipping, a metrics line per
-   step, validation every eval_every_steps (early stopping), an atomic checkpoint every
-   checkpoint_every_steps
+7. loop: length-bucketed micro-batches, each process a disjoint share of every optimiser step's
+   (global batch = batch_size x grad_accum_steps x processes), gradient accumulation, clipping,
+   a metrics line per step (read back from the device once per logging window), validation
+   every eval_every_steps (early stopping), an atomic checkpoint every checkpoint_every_steps
 8. export: adapter/ (the best validation loss) with its decision threshold chosen on the
    validation rows, optionally merged/, result.json written last
 
 Outputs in output_dir: adapter/ (adapter_config.json, adapter_model.safetensors, tokenizer,
-student.json), spec.json, data_hashes.json, metrics.jsonl, result.json, merged/ if asked.
+student.json; for a full fine-tune config.json and model.safetensors instead of the adapter
+files), spec.json, data_hashes.json, metrics.jsonl, result.json, merged/ if asked. Under torchrun
+the process of rank 0 alone writes them (and talks to Dagster); the others wait at barriers.
+Validation and calibration are sharded over the processes and gathered: FSDP needs every
+process in every forward pass anyway, and N processes score N times faster.
 Progress goes to Dagster through Pipes when launched by Pipes, else to stdout.
 """
 
@@ -42,6 +53,7 @@ from distill_pipeline.trainer.checkpoint import (
     latest_checkpoint,
     load_checkpoint,
     publish_folder,
+    read_trainer_state,
     save_checkpoint,
     write_json_atomic,
     write_text_atomic,
@@ -51,23 +63,36 @@ from distill_pipeline.trainer.data import (
     LabelSet,
     choose_max_length,
     length_bucketed_batches,
+    load_soft_labels,
     load_table,
     sha256_file,
     sha256_rows,
     split_validation,
+    target_distributions,
 )
+from distill_pipeline.trainer.distributed import World, passes, step_seed
 from distill_pipeline.trainer.model import (
     Log,
     add_lora,
     choose_runtime,
+    full_student,
     label_log_scores,
     load_base_model,
     load_tokenizer,
+    load_trainable_state,
     lora_config,
     quiet_loading,
     resolve_base_model,
     target_nll_sum,
     to_device,
+    trainable_named_parameters,
+    trainable_state,
+)
+from distill_pipeline.trainer.parallel import (
+    full_optimizer_state,
+    gradient_sync,
+    load_optimizer_state,
+    shard_model,
 )
 from distill_pipeline.trainer.predict import STUDENT_FILE, DecisionRule, decide, make_codec, student_metadata
 from distill_pipeline.trainer.spec import StudentSettings, TrainSpec
@@ -100,6 +125,12 @@ class TrainResult:
     # validation rows, and the validation accuracy under it (optimistic: chosen on those rows).
     decision_threshold: float | None = None
     val_accuracy_calibrated: float | None = None
+    # The processes that trained it (torchrun's WORLD_SIZE), how ("ddp", "fsdp"; None alone), and
+    # the examples per optimiser step: batch_size x grad_accum_steps x processes.
+    world_size: int = 1
+    distributed: str | None = None
+    global_batch_size: int | None = None
+    full_finetune: bool = False
 
 
 class MetricsLog:
@@ -129,108 +160,201 @@ def write_lines_atomic(path: Path, lines: list[str]) -> None:
     write_text_atomic(path, "".join(line + "\n" for line in lines))
 
 
-def claim_output_dir(output_dir: Path, spec: TrainSpec) -> TrainResult | None:
-    """Record the spec; return the result of a finished run of the same spec, if there is one."""
-    output_dir.mkdir(parents=True, exist_ok=True)
+def claim_output_dir(output_dir: Path, spec: TrainSpec, *, write: bool = True) -> TrainResult | None:
+    """Record the spec; return the result of a finished run of the same spec, if there is one.
+
+    ``write=False`` (every process of a torchrun but rank 0) checks without writing anything.
+    """
+    if write:
+        output_dir.mkdir(parents=True, exist_ok=True)
     spec_path = output_dir / SPEC_FILE
     if spec_path.exists():
         if TrainSpec.from_file(spec_path) != spec:
             raise ValueError(f"{output_dir} holds a run of a different spec; use a new output_dir or empty it")
         if (output_dir / RESULT_FILE).exists():
             return TrainResult(**json.loads((output_dir / RESULT_FILE).read_text()))
-    else:
+    elif write:
         write_lines_atomic(spec_path, spec.to_json().splitlines())
     return None
 
 
-def planned_epochs(settings: StudentSettings, batches_per_epoch: int) -> int:
-    """The spec's epochs, or the fewest more that train at least min_train_steps optimiser steps."""
+def planned_epochs(settings: StudentSettings, batches_per_epoch: int, micro_batches_per_step: int | None = None) -> int:
+    """The spec's epochs, or the fewest more that train at least min_train_steps optimiser steps.
+
+    ``micro_batches_per_step``: grad_accum_steps times the processes (grad_accum_steps alone by default).
+    """
     if settings.min_train_steps is None:
         return settings.epochs
-    # The run trains ceil(epochs * batches_per_epoch / grad_accum_steps) steps; this is the
-    # smallest epochs for which that reaches the minimum.
-    needed = (settings.min_train_steps - 1) * settings.grad_accum_steps // batches_per_epoch + 1
+    per_step = micro_batches_per_step or settings.grad_accum_steps
+    # The run trains ceil(epochs * batches_per_epoch / per_step) steps; this is the smallest
+    # epochs for which that reaches the minimum.
+    needed = (settings.min_train_steps - 1) * per_step // batches_per_epoch + 1
     return max(settings.epochs, needed)
 
 
-def trainable_weights(model) -> dict[str, torch.Tensor]:
-    from peft import get_peft_model_state_dict
-
-    return {name: t.detach().cpu().clone().contiguous() for name, t in get_peft_model_state_dict(model).items()}
-
-
 def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int], None] | None = None) -> TrainResult:
-    """Train the student the spec describes; ``after_checkpoint(step)`` runs after each checkpoint."""
-    from peft import set_peft_model_state_dict
+    """Train the student the spec describes; ``after_checkpoint(step)`` runs after each checkpoint.
+
+    Under torchrun (``WORLD_SIZE``, ``RANK``, ``LOCAL_RANK`` in the environment) every process calls
+    this; rank 0 logs and writes, and every process returns the same result.
+    """
+    world = World.from_env()
+    if not world.is_main:
+        log = _silent
+    runtime = choose_runtime(spec.device, log, local_rank=world.local_rank if world.distributed else None)
+    world.start(runtime.device)
+    try:
+        return _train(spec, world, runtime, log, after_checkpoint)
+    finally:
+        world.stop()
+
+
+def _silent(_message: str) -> None:
+    pass
+
+
+def _train(
+    spec: TrainSpec, world: World, runtime, log: Log, after_checkpoint: Callable[[int], None] | None
+) -> TrainResult:
     from transformers import get_scheduler, set_seed
 
     output_dir = Path(spec.output_dir)
-    finished = claim_output_dir(output_dir, spec)
+    # Rank 0 records the spec; the others check it once it is there.
+    finished = claim_output_dir(output_dir, spec) if world.is_main else None
+    world.barrier()
+    if not world.is_main:
+        finished = claim_output_dir(output_dir, spec, write=False)
     if finished is not None:
         log(f"{output_dir} already holds this run's result; nothing to do")
         return finished
+    fsdp = world.distributed and spec.distributed == "fsdp"
+    if fsdp and spec.merged_export:
+        raise ValueError(
+            "merged_export needs the whole model in one process; it is not available with distributed='fsdp'"
+        )
 
     set_seed(spec.seed)
-    runtime = choose_runtime(spec.device, log)
     base_model = resolve_base_model(spec.base_model)
 
-    # ---- data: tables, labels, validation split, hashes
+    # ---- data: tables, labels, target distributions, validation split, hashes
     texts, raw_labels = load_table(spec.train_path, spec.text_column, spec.label_column)
+    soft = load_soft_labels(spec.train_path, spec.soft_label_column) if spec.soft_label_column else None
     if spec.validation_path is not None:
         val_texts, val_raw_labels = load_table(spec.validation_path, spec.text_column, spec.label_column)
     else:
         train_rows, val_rows = split_validation(len(texts), spec.validation_fraction, spec.seed)
         val_texts, val_raw_labels = [texts[i] for i in val_rows], [raw_labels[i] for i in val_rows]
         texts, raw_labels = [texts[i] for i in train_rows], [raw_labels[i] for i in train_rows]
+        soft = [soft[i] for i in train_rows] if soft is not None else None
     values = spec.label_values if spec.label_values is not None else sorted(set(raw_labels))
     labels = LabelSet(list(values), list(spec.label_names) if spec.label_names else [str(v) for v in values])
     targets = [labels.index_of(y) for y in raw_labels]
     val_targets = [labels.index_of(y) for y in val_raw_labels]
-    data_files = {"train": spec.train_path} | ({"validation": spec.validation_path} if spec.validation_path else {})
-    write_json_atomic(
-        output_dir / "data_hashes.json",
-        {
-            "files": {role: {"path": str(path), "sha256": sha256_file(path)} for role, path in data_files.items()},
-            "train": {"rows": len(texts), "sha256": sha256_rows(texts, raw_labels)},
-            "validation": {"rows": len(val_texts), "sha256": sha256_rows(val_texts, val_raw_labels)},
-        },
-    )
+    distributions: list[tuple[float, ...] | None] = [None] * len(targets)
+    if soft is not None or spec.label_smoothing > 0.0:
+        distributions = [
+            tuple(q)
+            for q in target_distributions(
+                targets,
+                len(labels.values),
+                soft=soft,
+                positive=labels.index_of(spec.positive_label) if spec.positive_label is not None else None,
+                soft_weight=spec.soft_label_weight,
+                smoothing=spec.label_smoothing,
+            )
+        ]
+    if world.is_main:
+        data_files = {"train": spec.train_path} | ({"validation": spec.validation_path} if spec.validation_path else {})
+        write_json_atomic(
+            output_dir / "data_hashes.json",
+            {
+                "files": {role: {"path": str(path), "sha256": sha256_file(path)} for role, path in data_files.items()},
+                "train": {"rows": len(texts), "sha256": sha256_rows(texts, raw_labels)},
+                "validation": {"rows": len(val_texts), "sha256": sha256_rows(val_texts, val_raw_labels)},
+            },
+        )
 
     # ---- model and tokenised data
     tokenizer = load_tokenizer(base_model)
     with quiet_loading():
-        model = load_base_model(spec.student_kind, base_model, labels, runtime)
-        student = add_lora(
-            model,
-            lora_config(spec.student_kind, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules),
-            gradient_checkpointing=spec.gradient_checkpointing,
+        # FSDP: each process reads the base into host memory and keeps only its shard on its GPU.
+        model = load_base_model(
+            spec.student_kind,
+            base_model,
+            labels,
+            runtime,
+            # A full fine-tune keeps float32 master weights; autocast still computes in bf16.
+            dtype=torch.float32 if spec.full_finetune else None,
+            device=torch.device("cpu") if fsdp else None,
         )
+        if spec.full_finetune:
+            student = full_student(model, gradient_checkpointing=spec.gradient_checkpointing)
+        else:
+            student = add_lora(
+                model,
+                lora_config(spec.student_kind, spec.lora_r, spec.lora_alpha, spec.lora_dropout, spec.target_modules),
+                gradient_checkpointing=spec.gradient_checkpointing,
+            )
     position_limit = getattr(model.config, "max_position_embeddings", None) or spec.max_length_cap
-    target_modules = sorted(student.peft_config["default"].target_modules)
+    # PEFT resolves "all-linear" to every module's full name; the layer names say the same, once.
+    target_modules = (
+        []
+        if spec.full_finetune
+        else sorted({name.rsplit(".", 1)[-1] for name in student.peft_config["default"].target_modules})
+    )
     codec = make_codec(spec.student_kind, tokenizer, labels, spec.prompt_template, spec.packing)
     max_length = spec.max_length or max(
         codec.min_length,
         choose_max_length(codec.full_lengths(texts, targets), min(spec.max_length_cap, position_limit)),
     )
-    train_examples = [Example(ids, t) for ids, t in zip(codec.encode(texts, max_length), targets, strict=True)]
+    train_examples = [
+        Example(ids, t, q) for ids, t, q in zip(codec.encode(texts, max_length), targets, distributions, strict=True)
+    ]
     val_examples = [Example(ids, t) for ids, t in zip(codec.encode(val_texts, max_length), val_targets, strict=True)]
     train_lengths = [codec.length(e) for e in train_examples]
-    n_trainable = sum(p.numel() for p in student.parameters() if p.requires_grad)
+    n_trainable = sum(p.numel() for _, p in trainable_named_parameters(student))
     n_total = sum(p.numel() for p in student.parameters())
+    forward_model = shard_model(student, world, spec.distributed, runtime) if world.distributed else student
+    what = "every weight trained" if spec.full_finetune else f"LoRA r={spec.lora_r} on {target_modules}"
+    targets_note = ""
+    if soft is not None:
+        targets_note += f"soft labels from {spec.soft_label_column!r} (weight {spec.soft_label_weight}); "
+    if spec.label_smoothing:
+        targets_note += f"label smoothing {spec.label_smoothing}; "
     log(
-        f"{spec.student_kind} student on {base_model}: LoRA r={spec.lora_r} on {target_modules}, "
+        f"{spec.student_kind} student on {base_model}: {what}, "
         f"{n_trainable:,} of {n_total:,} parameters trainable; max_length {max_length}; "
-        f"{'gradient checkpointing; ' if spec.gradient_checkpointing else ''}"
+        f"{'gradient checkpointing; ' if spec.gradient_checkpointing else ''}{targets_note}"
         f"{len(train_examples)} training rows, {len(val_examples)} validation rows"
     )
 
-    # ---- epochs, optimiser and schedule
+    # ---- the global batch: every optimiser step takes micro_batches_per_step micro-batches of
+    # batch_size examples, each process a disjoint share. A resumed run keeps the global batch of
+    # the run that wrote its checkpoint, whatever number of processes resumes it.
+    checkpoint = latest_checkpoint(output_dir)
+    trained_by = read_trainer_state(checkpoint).get("world_size", 1) if checkpoint is not None else world.size
+    micro_batches_per_step = spec.grad_accum_steps * trained_by
+    if micro_batches_per_step % world.size:
+        raise ValueError(
+            f"{checkpoint} was written by {trained_by} process(es) at {micro_batches_per_step} micro-batches per step, "
+            f"which {world.size} processes cannot share evenly: resume with a number of processes that divides "
+            f"{micro_batches_per_step}, or empty {output_dir} to start over"
+        )
+    global_batch_size = spec.batch_size * micro_batches_per_step
     batches_per_epoch = math.ceil(len(train_examples) / spec.batch_size)
-    epochs = planned_epochs(spec, batches_per_epoch)
-    total_steps = math.ceil(epochs * batches_per_epoch / spec.grad_accum_steps)
+    epochs = planned_epochs(spec, batches_per_epoch, micro_batches_per_step)
+    total_steps = math.ceil(epochs * batches_per_epoch / micro_batches_per_step)
+    if world.distributed or spec.grad_accum_steps > 1:
+        log(
+            f"global batch {global_batch_size} examples = batch_size {spec.batch_size} x "
+            f"{micro_batches_per_step // trained_by} accumulated x {trained_by} process(es)"
+            + (f", {world.size} processes now ({spec.distributed})" if world.distributed else "")
+        )
     if epochs != spec.epochs:
         log(f"{epochs} epochs instead of {spec.epochs}, for at least min_train_steps={spec.min_train_steps} steps")
-    trainable = [p for p in student.parameters() if p.requires_grad]
+
+    # ---- optimiser and schedule
+    trainable = [p for _, p in trainable_named_parameters(student)]
     optimizer = torch.optim.AdamW(
         trainable, lr=spec.learning_rate, weight_decay=spec.weight_decay, fused=runtime.device.type == "cuda"
     )
@@ -240,6 +364,7 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
         num_warmup_steps=round(spec.warmup_ratio * total_steps),
         num_training_steps=total_steps,
     )
+    scaler = torch.amp.GradScaler(runtime.device.type) if runtime.needs_grad_scaler else None
 
     # ---- resume
     state: dict[str, Any] = {
@@ -250,31 +375,45 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
         "evals_since_best": 0,
         "tokens": 0,
         "train_seconds": 0.0,
+        "world_size": trained_by,
     }
     best_weights: dict[str, torch.Tensor] | None = None
-    checkpoint = latest_checkpoint(output_dir)
     resumed_from = None
     if checkpoint is not None:
-        state, best_weights = load_checkpoint(checkpoint, student, optimizer, scheduler)
+        saved = load_checkpoint(checkpoint)
+        load_trainable_state(student, saved.weights)
+        load_optimizer_state(student, optimizer, saved.optimizer_state, fsdp=fsdp)
+        scheduler.load_state_dict(saved.scheduler_state)
+        if scaler is not None and saved.scaler_state:
+            scaler.load_state_dict(saved.scaler_state)
+        state, best_weights = saved.trainer_state, saved.best_weights
+        state.setdefault("world_size", trained_by)
         resumed_from = state["step"]
         log(f"resuming from {checkpoint.name} (step {resumed_from} of {total_steps})")
-    metrics = MetricsLog(output_dir / "metrics.jsonl", state["step"])
+    metrics = MetricsLog(output_dir / "metrics.jsonl", state["step"]) if world.is_main else None
 
-    def micro_batches(start: int) -> Iterator[tuple[int, list[int]]]:
-        """(epoch, example indices) from the start-th micro-batch of the whole run on."""
+    def micro_batches(start: int) -> Iterator[list[int]]:
+        """Example indices of every micro-batch from the start-th of the whole run on."""
         epoch, offset = divmod(start, batches_per_epoch)
         for e in range(epoch, epochs):
-            for indices in length_bucketed_batches(train_lengths, spec.batch_size, spec.seed, e)[offset:]:
-                yield e, indices
+            yield from length_bucketed_batches(train_lengths, spec.batch_size, spec.seed, e)[offset:]
             offset = 0
 
     def validation_scores() -> torch.Tensor:
+        """[validation rows, labels] log-scores, each process scoring its share."""
         student.eval()
+        share = world.share(len(val_examples))
         scores = label_log_scores(
-            codec, student, val_examples, len(labels.values), max_length, spec.batch_size, runtime
+            codec,
+            forward_model if fsdp else student,
+            [val_examples[i] for i in share],
+            len(labels.values),
+            max_length,
+            spec.batch_size,
+            runtime,
         )
         student.train()
-        return scores
+        return world.gather_shares(scores, len(val_examples), runtime.device)
 
     def validate() -> dict[str, float]:
         scores = validation_scores()
@@ -287,54 +426,104 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
             "val_accuracy": float((scores.argmax(dim=-1) == truth).float().mean()),
         }
 
+    # Steps whose loss and gradient norm are still on the device: read back together, once per
+    # logging window, so the host never waits for the GPU inside the window.
+    pending: list[dict[str, Any]] = []
+    window_started = time.perf_counter()
+
+    def flush() -> None:
+        nonlocal window_started
+        if not pending:
+            return
+        losses = world.sum(torch.stack([r.pop("loss_sum") for r in pending]))
+        norms = [r.pop("grad_norm") for r in pending]
+        read = torch.stack([losses.float(), *([torch.stack(norms).float()] if norms[0] is not None else [])]).tolist()
+        elapsed = time.perf_counter() - window_started
+        tokens = sum(r["tokens"] for r in pending)
+        state["train_seconds"] += elapsed
+        for i, record in enumerate(pending):
+            record["loss"] = read[0][i] / record.pop("targets")
+            record["grad_norm"] = read[1][i] if len(read) > 1 else None
+            record["tokens_per_s"] = tokens / elapsed
+            if metrics is not None:
+                metrics.write(record)
+        last = pending[-1]
+        log(
+            f"step {last['step']}/{total_steps} epoch {last['epoch']:.2f} loss {last['loss']:.4f} "
+            f"lr {last['lr']:.2e} {last['tokens_per_s']:,.0f} tokens/s"
+        )
+        pending.clear()
+        window_started = time.perf_counter()
+
     # ---- the loop
-    stream = micro_batches(state["step"] * spec.grad_accum_steps)
+    stream = micro_batches(state["step"] * micro_batches_per_step)
     log_every = max(1, total_steps // LOG_LINES_PER_RUN)
     stopped_early = False
     student.train()
     while state["step"] < total_steps:
-        started = time.perf_counter()
-        window = list(itertools.islice(stream, spec.grad_accum_steps))
-        batches = [codec.collate([train_examples[i] for i in indices], max_length) for _, indices in window]
-        # Every target of the window weighs the same, however the micro-batches split them.
-        window_targets = sum(int(b["n_targets"]) for b in batches)
-        window_tokens = sum(int(b["n_tokens"]) for b in batches)
-        loss_sum = 0.0
-        for batch in batches:
-            batch = to_device(batch, runtime.device)
-            with runtime.autocast():
-                nll = target_nll_sum(spec.student_kind, student, batch)
-            (nll / window_targets).backward()
-            loss_sum += nll.item()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)) if spec.max_grad_norm else None
+        step = state["step"] + 1
+        # Dropout masks from (seed, rank, step): the same after a resume, with any number of processes.
+        torch.manual_seed(step_seed(spec.seed, world.rank, step))
+        window = list(itertools.islice(stream, micro_batches_per_step))
+        window_examples = [train_examples[i] for indices in window for i in indices]
+        # Every target of the global window weighs the same, however processes and micro-batches
+        # split them; DDP and FSDP average gradients over the processes, hence the world size.
+        window_targets = sum(codec.target_count(e) for e in window_examples)
+        window_tokens = sum(codec.length(e) for e in window_examples)
+        loss_scale = world.size / window_targets
+        my_passes = passes(range(len(window)), world)
+        loss_sum = torch.zeros((), device=runtime.device)
+        for n, position in enumerate(my_passes):
+            # A process with no micro-batch left in a short last step still takes part in the
+            # collectives, on a micro-batch whose loss counts zero.
+            indices = window[position if position is not None else 0]
+            batch = to_device(codec.collate([train_examples[i] for i in indices], max_length), runtime.device)
+            with gradient_sync(forward_model, world, enabled=n == len(my_passes) - 1):
+                with runtime.autocast():
+                    nll = target_nll_sum(spec.student_kind, forward_model, batch)
+                if position is None:
+                    nll = nll * 0.0
+                loss = nll * loss_scale
+                (scaler.scale(loss) if scaler is not None else loss).backward()
+            loss_sum += nll.detach().float()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        grad_norm = None
+        if spec.max_grad_norm:
+            grad_norm = torch.nn.utils.clip_grad_norm_(trainable, spec.max_grad_norm)
+            if hasattr(grad_norm, "full_tensor"):
+                grad_norm = grad_norm.full_tensor()
+            grad_norm = grad_norm.detach()
         lr = scheduler.get_last_lr()[0]
-        optimizer.step()
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
         scheduler.step()
         optimizer.zero_grad(set_to_none=True)
-        elapsed = time.perf_counter() - started
-        state["step"] += 1
+        state["step"] = step
         state["tokens"] += window_tokens
-        state["train_seconds"] += elapsed
-        step = state["step"]
-        record = {
-            "step": step,
-            "epoch": round(step * spec.grad_accum_steps / batches_per_epoch, 4),
-            "loss": loss_sum / window_targets,
-            "lr": lr,
-            "grad_norm": grad_norm,
-            "tokens": window_tokens,
-            "tokens_per_s": window_tokens / elapsed,
-        }
-        metrics.write(record)
-        if step % log_every == 0 or step == total_steps:
-            log(
-                f"step {step}/{total_steps} epoch {record['epoch']:.2f} loss {record['loss']:.4f} "
-                f"lr {lr:.2e} {record['tokens_per_s']:,.0f} tokens/s"
-            )
+        pending.append(
+            {
+                "step": step,
+                "epoch": round(step * micro_batches_per_step / batches_per_epoch, 4),
+                "loss_sum": loss_sum,
+                "targets": window_targets,
+                "lr": lr,
+                "grad_norm": grad_norm,
+                "tokens": window_tokens,
+            }
+        )
+        evaluate = bool(spec.eval_every_steps and step % spec.eval_every_steps == 0) or step == total_steps
+        save = bool(spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0 and step < total_steps)
+        if step % log_every == 0 or evaluate or save or step == total_steps:
+            flush()
 
-        if (spec.eval_every_steps and step % spec.eval_every_steps == 0) or step == total_steps:
+        if evaluate:
             val = validate()
-            metrics.write({"step": step, **val})
+            if metrics is not None:
+                metrics.write({"step": step, **val})
             if state["best_val_loss"] is None or val["val_loss"] < state["best_val_loss"]:
                 state.update(
                     best_val_loss=val["val_loss"],
@@ -342,7 +531,7 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
                     best_step=step,
                     evals_since_best=0,
                 )
-                best_weights = trainable_weights(student)
+                best_weights = trainable_state(student)
             else:
                 state["evals_since_best"] += 1
             log(f"validation at step {step}: loss {val['val_loss']:.4f} accuracy {val['val_accuracy']:.4f}")
@@ -351,14 +540,31 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
                 log(f"early stop: no better validation loss since step {state['best_step']}")
                 break
 
-        if spec.checkpoint_every_steps and step % spec.checkpoint_every_steps == 0 and step < total_steps:
-            save_checkpoint(output_dir, step, student, optimizer, scheduler, state, best_weights)
+        if save:
+            weights = trainable_state(student)
+            optimizer_state = full_optimizer_state(student, optimizer, fsdp=fsdp)
+            if world.is_main:
+                save_checkpoint(
+                    output_dir,
+                    step,
+                    weights,
+                    optimizer_state,
+                    scheduler.state_dict(),
+                    state,
+                    best_weights,
+                    scaler.state_dict() if scaler is not None else None,
+                )
+            # The checkpoint is in place (or, after a kill, absent) before any process goes on.
+            world.barrier()
             if after_checkpoint is not None:
                 after_checkpoint(step)
+        if evaluate or save:
+            window_started = time.perf_counter()
+    flush()
 
-    # ---- export: the adapter with the best validation loss, then (optionally) merged weights
+    # ---- export: the weights with the best validation loss, then (optionally) merged weights
     if best_weights is not None and state["best_step"] != state["step"]:
-        set_peft_model_state_dict(student, best_weights)
+        load_trainable_state(student, best_weights)
     decision = None
     calibrated_accuracy = None
     if spec.calibrate_threshold and spec.positive_label is not None and val_examples:
@@ -374,21 +580,31 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
             f"decision threshold {threshold:.3f} on P({labels.names[positive]}): "
             f"validation accuracy {calibrated_accuracy:.4f} (argmax: {state['best_val_accuracy']})"
         )
-    adapter_tmp = output_dir / "adapter-tmp"
-    shutil.rmtree(adapter_tmp, ignore_errors=True)
-    student.save_pretrained(str(adapter_tmp))
-    tokenizer.save_pretrained(str(adapter_tmp))
-    meta = student_metadata(spec.student_kind, spec.base_model, labels, max_length, spec.prompt_template, decision)
-    write_json_atomic(adapter_tmp / STUDENT_FILE, meta)
-    publish_folder(adapter_tmp, output_dir / "adapter")
-    merged_dir = None
-    if spec.merged_export:
-        merged_tmp = output_dir / "merged-tmp"
-        shutil.rmtree(merged_tmp, ignore_errors=True)
-        student.merge_and_unload().save_pretrained(str(merged_tmp))
-        tokenizer.save_pretrained(str(merged_tmp))
-        publish_folder(merged_tmp, output_dir / "merged")
-        merged_dir = str(output_dir / "merged")
+    final_weights = trainable_state(student) if fsdp else None
+    merged_dir = str(output_dir / "merged") if spec.merged_export else None
+    if world.is_main:
+        adapter_tmp = output_dir / "adapter-tmp"
+        shutil.rmtree(adapter_tmp, ignore_errors=True)
+        # Under FSDP the weights are shards; the gathered ones are saved instead.
+        student.save_pretrained(str(adapter_tmp), **({"state_dict": final_weights} if fsdp else {}))
+        tokenizer.save_pretrained(str(adapter_tmp))
+        meta = student_metadata(
+            spec.student_kind,
+            spec.base_model,
+            labels,
+            max_length,
+            spec.prompt_template,
+            decision,
+            full_model=spec.full_finetune,
+        )
+        write_json_atomic(adapter_tmp / STUDENT_FILE, meta)
+        publish_folder(adapter_tmp, output_dir / "adapter")
+        if spec.merged_export:
+            merged_tmp = output_dir / "merged-tmp"
+            shutil.rmtree(merged_tmp, ignore_errors=True)
+            student.merge_and_unload().save_pretrained(str(merged_tmp))
+            tokenizer.save_pretrained(str(merged_tmp))
+            publish_folder(merged_tmp, output_dir / "merged")
 
     result = TrainResult(
         output_dir=str(output_dir),
@@ -410,12 +626,18 @@ def train(spec: TrainSpec, *, log: Log = print, after_checkpoint: Callable[[int]
         device=str(runtime.device),
         decision_threshold=decision.threshold if decision else None,
         val_accuracy_calibrated=calibrated_accuracy,
+        world_size=world.size,
+        distributed=spec.distributed if world.distributed else None,
+        global_batch_size=global_batch_size,
+        full_finetune=spec.full_finetune,
     )
-    write_json_atomic(output_dir / RESULT_FILE, asdict(result))
-    # The run is complete; its checkpoints only served to resume it.
-    for _, path in checkpoints(output_dir):
-        shutil.rmtree(path)
-    log(f"adapter written to {result.adapter_dir} (best validation loss at step {result.best_step})")
+    if world.is_main:
+        write_json_atomic(output_dir / RESULT_FILE, asdict(result))
+        # The run is complete; its checkpoints only served to resume it.
+        for _, path in checkpoints(output_dir):
+            shutil.rmtree(path)
+        log(f"adapter written to {result.adapter_dir} (best validation loss at step {result.best_step})")
+    world.barrier()
     return result
 
 
@@ -427,14 +649,21 @@ def quiet_progress_bars() -> None:
     hf_logging.disable_progress_bar()
 
 
+def launched_by_pipes() -> bool:
+    """Whether this process was launched through Dagster Pipes (its context is in the environment)."""
+    try:
+        from dagster_pipes import PipesEnvVarParamsLoader
+    except ImportError:
+        return False
+    return PipesEnvVarParamsLoader().is_dagster_pipes_process()
+
+
 def open_pipes():
     """The Dagster Pipes context when this process was launched through Pipes, else None."""
-    try:
-        from dagster_pipes import PipesEnvVarParamsLoader, open_dagster_pipes
-    except ImportError:
+    if not launched_by_pipes():
         return None
-    if not PipesEnvVarParamsLoader().is_dagster_pipes_process():
-        return None
+    from dagster_pipes import open_dagster_pipes
+
     return open_dagster_pipes()
 
 
@@ -446,6 +675,8 @@ def materialization_metadata(result: TrainResult) -> dict[str, Any]:
         if isinstance(value, int | float) and not isinstance(value, bool)
     }
     metadata["stopped_early"] = result.stopped_early
+    metadata["full_finetune"] = result.full_finetune
+    metadata["distributed"] = result.distributed or "single process"
     metadata["target_modules"] = ", ".join(result.target_modules)
     metadata["device"] = result.device
     metadata["adapter_dir"] = {"raw_value": result.adapter_dir, "type": "path"}
@@ -454,19 +685,35 @@ def materialization_metadata(result: TrainResult) -> dict[str, Any]:
     return metadata
 
 
+def pipes_extra(name: str) -> Any:
+    """An extra of the Pipes context, read without opening the message channel (which rank 0 owns)."""
+    from dagster_pipes import PipesDefaultContextLoader, PipesEnvVarParamsLoader
+
+    params = PipesEnvVarParamsLoader().load_context_params()
+    with PipesDefaultContextLoader().load_context(params) as context:
+        return context["extras"][name]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--spec", help="a TrainSpec JSON file (under Pipes it may come as the extra 'train_spec')")
     args = parser.parse_args(argv)
-    pipes = open_pipes()
-    if pipes is not None or not sys.stdout.isatty():
+    world = World.from_env()
+    # Under torchrun only rank 0 talks to Dagster: one "opened", one materialisation, one "closed".
+    pipes = open_pipes() if world.is_main else None
+    if pipes is not None or not sys.stdout.isatty() or not world.is_main:
         # Progress bars drawn into a run log or a file are noise; the step lines say the same.
         quiet_progress_bars()
     if pipes is None:
-        if args.spec is None:
+        if args.spec is not None:
+            spec = TrainSpec.from_file(args.spec)
+        elif not world.is_main and launched_by_pipes():
+            spec = TrainSpec.from_json(json.dumps(pipes_extra("train_spec")))
+        else:
             parser.error("--spec is required")
-        result = train(TrainSpec.from_file(args.spec))
-        print(json.dumps(asdict(result), indent=2))
+        result = train(spec)
+        if world.is_main:
+            print(json.dumps(asdict(result), indent=2))
         return 0
     with pipes:
         if args.spec is not None:
