@@ -3,10 +3,17 @@
 ``DISTILL_DEPLOYMENT`` picks the Pipes client that ``lora_adapter`` launches the trainer with:
 
 - ``local`` (the default): ``PipesSubprocessClient``, a subprocess of the run on its own host's GPU;
-- ``k8s``: a pod from the trainer image requesting one NVIDIA GPU, through ``dagster-k8s``'s
+- ``k8s``: a pod from the trainer image requesting the step's NVIDIA GPUs, through ``dagster-k8s``'s
   ``PipesK8sClient`` (progress read from the pod's log);
 - ``ecs``: a task of a GPU task definition, through ``dagster-aws``'s ``PipesECSClient`` (progress
   read from CloudWatch).
+
+``DISTILL_GPUS_PER_STEP`` (default 1) is how many GPUs a training step uses: the default of the
+``trainer`` resource's ``gpus_per_step``, and the count the op tags below request of a step-level
+executor (``k8s_job_executor``, ``ecs_executor``). Exactly one thing asks a scheduler for a
+training step's GPUs: the trainer's pod or task when a Pipes client above launches one (the step
+itself then only follows it and requests none), else the step's own pod or task through its tags.
+Every step that predicts with a student asks for one GPU the same way.
 
 The step hands the trainer a spec file, the training table and a run folder under the work folder
 (``DISTILL_WORK_DIR``), and publishes the adapter the trainer leaves there. So in ``k8s`` and
@@ -24,24 +31,72 @@ from typing import Any
 import dagster as dg
 from dagster_aws.pipes import PipesECSClient
 
-#: Per-step pod settings for Kubernetes executors: one GPU, requested and limited, on a GPU node.
-K8S_GPU_OP_TAGS = {
-    "dagster-k8s/config": {
+from distill_pipeline.students.devices import command_processes
+
+DEPLOYMENT_ENV = "DISTILL_DEPLOYMENT"
+DEPLOYMENTS = ("local", "k8s", "ecs")
+GPUS_PER_STEP_ENV = "DISTILL_GPUS_PER_STEP"
+
+
+def k8s_gpu_config(gpus: int) -> dict[str, Any]:
+    """``dagster-k8s/config`` of a pod with ``gpus`` NVIDIA GPUs, requested and limited, on a GPU
+    node; CPU and memory grow with the GPUs (data loading and host copies of the weights)."""
+    cpu, memory = str(4 * gpus), f"{24 * gpus}Gi"
+    return {
         "container_config": {
             "resources": {
-                "requests": {"cpu": "4", "memory": "24Gi", "nvidia.com/gpu": "1"},
-                "limits": {"memory": "24Gi", "nvidia.com/gpu": "1"},
+                "requests": {"cpu": cpu, "memory": memory, "nvidia.com/gpu": str(gpus)},
+                "limits": {"memory": memory, "nvidia.com/gpu": str(gpus)},
             }
         },
         "pod_spec_config": {
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}],
         },
     }
-}
 
 
-DEPLOYMENT_ENV = "DISTILL_DEPLOYMENT"
-DEPLOYMENTS = ("local", "k8s", "ecs")
+def gpu_op_tags(gpus: int) -> dict[str, Any]:
+    """Op tags placing a step on ``gpus`` GPUs under a step-level executor: its pod under
+    ``k8s_job_executor``, its task under ``ecs_executor``; other executors ignore them."""
+    ecs = {"resourceRequirements": [{"type": "GPU", "value": str(gpus)}]}
+    return {"dagster-k8s/config": k8s_gpu_config(gpus), "ecs/container_overrides": json.dumps(ecs)}
+
+
+#: A one-GPU pod under `k8s_job_executor`.
+K8S_GPU_OP_TAGS = {"dagster-k8s/config": k8s_gpu_config(1)}
+#: Steps that predict with a student (evaluation, the champion's re-measure, the shadow evaluation).
+INFERENCE_OP_TAGS = gpu_op_tags(1)
+
+
+def deployment() -> str:
+    """``DISTILL_DEPLOYMENT``, checked: a wrong value fails the code location's load."""
+    chosen = os.environ.get(DEPLOYMENT_ENV, "").strip() or "local"
+    if chosen not in DEPLOYMENTS:
+        raise dg.DagsterInvariantViolationError(
+            f"{DEPLOYMENT_ENV}={chosen!r}: expected one of {', '.join(DEPLOYMENTS)}"
+        )
+    return chosen
+
+
+def gpus_per_step() -> int:
+    """``DISTILL_GPUS_PER_STEP``, checked (a whole number from 1); 1 when unset."""
+    raw = os.environ.get(GPUS_PER_STEP_ENV, "").strip() or "1"
+    if not raw.isdigit() or int(raw) < 1:
+        raise dg.DagsterInvariantViolationError(
+            f"{GPUS_PER_STEP_ENV}={raw!r}: expected a whole number of GPUs, 1 or more"
+        )
+    return int(raw)
+
+
+def training_op_tags(chosen_deployment: str | None = None, gpus: int | None = None) -> dict[str, Any]:
+    """The op tags of a training step. With a pod or task client the trainer's pod or task holds
+    the GPUs and the step only follows it, so the step requests none: tags asking for them too
+    would make a step-level executor hold a second set of GPUs idle for the whole training."""
+    if (chosen_deployment or deployment()) != "local":
+        return {}
+    return gpu_op_tags(gpus or gpus_per_step())
+
+
 #: The trainer image's container in a pod and in the ECS task definition.
 TRAINER_CONTAINER = "trainer"
 
@@ -82,10 +137,10 @@ class TrainerPodClient(dg.PipesClient):
         self.namespace = namespace
         self.node_selector = dict(node_selector or {})
 
-    def pod_spec(self) -> dict[str, Any]:
-        """The trainer pod: the same GPU request and toleration as the ``dagster-k8s/config`` op
-        tag of ``lora_adapter`` (one placement, defined once), and the shared work volume."""
-        placement = K8S_GPU_OP_TAGS["dagster-k8s/config"]
+    def pod_spec(self, gpus: int = 1) -> dict[str, Any]:
+        """The trainer pod: the GPU request and toleration of :func:`k8s_gpu_config` for ``gpus``
+        GPUs (one placement, defined once), and the shared work volume."""
+        placement = k8s_gpu_config(gpus)
         spec: dict[str, Any] = {
             "restartPolicy": "Never",
             "containers": [
@@ -123,7 +178,8 @@ class TrainerPodClient(dg.PipesClient):
             command=trainer_command(command),
             namespace=self.namespace,
             env=trainer_env(env, self.work_dir),
-            base_pod_spec=self.pod_spec(),
+            # As many GPUs as the command starts trainer processes.
+            base_pod_spec=self.pod_spec(command_processes(command)),
         )
 
 
@@ -172,6 +228,9 @@ class TrainerTaskClient(dg.PipesClient):
                     {
                         "name": TRAINER_CONTAINER,
                         "command": trainer_command(command),
+                        # As many GPUs as the command starts trainer processes (the task
+                        # definition's own requirement is one).
+                        "resourceRequirements": [{"type": "GPU", "value": str(command_processes(command))}],
                         "environment": [
                             {"name": k, "value": v} for k, v in sorted(trainer_env(env, self.work_dir).items())
                         ],
@@ -217,10 +276,10 @@ def training_pipes_client() -> dg.PipesClient:
 
     A missing setting fails the code location's load, not the first training step hours later.
     """
-    deployment = os.environ.get(DEPLOYMENT_ENV, "").strip() or "local"
-    if deployment == "local":
+    chosen = deployment()
+    if chosen == "local":
         return dg.PipesSubprocessClient()
-    if deployment == "k8s":
+    if chosen == "k8s":
         node_selector = os.environ.get("DISTILL_TRAINER_NODE_SELECTOR", "").strip()
         return TrainerPodClient(
             image=_required("DISTILL_TRAINER_IMAGE"),
@@ -229,15 +288,11 @@ def training_pipes_client() -> dg.PipesClient:
             namespace=os.environ.get("DISTILL_TRAINER_NAMESPACE", "").strip() or None,
             node_selector=json.loads(node_selector) if node_selector else None,
         )
-    if deployment == "ecs":
-        return TrainerTaskClient(
-            cluster=_required("DISTILL_ECS_CLUSTER"),
-            task_definition=_required("DISTILL_TRAINER_TASK_DEFINITION"),
-            work_dir=_required("DISTILL_WORK_DIR"),
-            subnets=_listed("DISTILL_ECS_SUBNETS"),
-            security_groups=_listed("DISTILL_ECS_SECURITY_GROUPS"),
-            capacity_provider=os.environ.get("DISTILL_ECS_CAPACITY_PROVIDER", "").strip() or None,
-        )
-    raise dg.DagsterInvariantViolationError(
-        f"{DEPLOYMENT_ENV}={deployment!r}: expected one of {', '.join(DEPLOYMENTS)}"
+    return TrainerTaskClient(
+        cluster=_required("DISTILL_ECS_CLUSTER"),
+        task_definition=_required("DISTILL_TRAINER_TASK_DEFINITION"),
+        work_dir=_required("DISTILL_WORK_DIR"),
+        subnets=_listed("DISTILL_ECS_SUBNETS"),
+        security_groups=_listed("DISTILL_ECS_SECURITY_GROUPS"),
+        capacity_provider=os.environ.get("DISTILL_ECS_CAPACITY_PROVIDER", "").strip() or None,
     )
