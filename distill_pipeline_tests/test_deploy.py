@@ -40,7 +40,7 @@ ROOT = Path(__file__).resolve().parents[1]
 DOCKER = ROOT / "docker"
 DOCKERFILES = sorted(DOCKER.glob("Dockerfile.*"))
 INSTANCES = [DOCKER / "dagster.yaml", DOCKER / "ecs" / "dagster.yaml"]
-SERVICES = {"postgres", "minio", "minio_init", "user_code", "webserver", "daemon"}
+SERVICES = {"postgres", "minio", "minio_init", "user_code", "webserver", "daemon", "serve"}
 K8S_VERSION = "1.33.0"
 
 # Every variable the production instances read, with a value of the right kind.
@@ -97,6 +97,42 @@ def test_compose_stack_validates_with_every_service_health_checked() -> None:
         config["networks"]["default"]["name"]
         == yaml.safe_load((DOCKER / "dagster.yaml").read_text())["run_launcher"]["config"]["network"]
     )
+
+
+def test_compose_serve_service_reads_the_store_and_keeps_its_ledger() -> None:
+    services = yaml.safe_load(_compose(env_file=DOCKER / ".env.example").stdout)["services"]
+    serve = services["serve"]
+    assert serve["command"][:2] == ["distill-pipeline", "serve"] and "--mode" in serve["command"]
+    assert serve["environment"]["DISTILL_STORE"] == services["user_code"]["environment"]["DISTILL_STORE"]
+    assert serve["depends_on"]["minio_init"]["condition"] == "service_completed_successfully"
+    # The teacher ledger's journal outlives the container (the short syntax is what config prints).
+    assert any(":/var/lib/distill/ledger" in str(volume) for volume in serve["volumes"])
+    assert "/healthz" in " ".join(serve["healthcheck"]["test"])
+
+
+def test_serve_manifests_validate_and_probe_the_server() -> None:
+    objects = {o["kind"]: o for o in _kubernetes_objects(DOCKER / "k8s" / "serve.yaml")}
+    assert set(objects) == {"Deployment", "Service", "HorizontalPodAutoscaler", "ConfigMap"}
+    for obj in objects.values():
+        _validate_k8s(obj)
+    deployment = objects["Deployment"]
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    # Rolling updates never take a ready replica away before its successor is ready.
+    assert deployment["spec"]["strategy"]["rollingUpdate"]["maxUnavailable"] == 0
+    selector = deployment["spec"]["selector"]["matchLabels"]
+    assert objects["Service"]["spec"]["selector"] == selector
+    assert objects["HorizontalPodAutoscaler"]["spec"]["scaleTargetRef"]["name"] == deployment["metadata"]["name"]
+    # The deployment file the container reads is the ConfigMap's, and it parses.
+    from distill_pipeline.serving.deployments import parse_deployments
+
+    mounted = next(m for m in container["volumeMounts"] if m["name"] == "deployments")
+    assert container["args"][container["args"].index("--deployments") + 1].startswith(mounted["mountPath"])
+    import tomllib
+
+    parsed = parse_deployments(tomllib.loads(objects["ConfigMap"]["data"]["deployments.toml"]), "configmap")
+    assert parsed["toxicity"].mode == "hybrid"
 
 
 def test_compose_gpu_override_adds_a_gpu_request_to_runs() -> None:
