@@ -124,3 +124,44 @@ def test_the_power_law_needs_one_more_size_than_parameters() -> None:
     assert ablation.POWER_LAW_MIN_SIZES == 4
     sizes = SIZES[:4]
     assert fit_learning_curve(sizes, power_law(sizes, 0.9, 1.0, 0.5)).kind == "power_law"
+
+
+def _correct(accuracies: list[float], rows: int, rng: np.random.Generator) -> np.ndarray:
+    """Per-row results of nested students: each size right on the rows the smaller one got right, and more."""
+    order = rng.permutation(rows)
+    matrix = np.zeros((len(accuracies), rows), dtype=bool)
+    for i, accuracy in enumerate(accuracies):
+        matrix[i, order[: round(accuracy * rows)]] = True
+    return matrix
+
+
+def test_a_gain_whose_interval_includes_zero_is_inside_the_noise() -> None:
+    rng = np.random.default_rng(0)
+    sizes = SIZES[:5]
+    # A flat, noisy curve measured on 200 rows: the expected gain cannot be told from zero.
+    accuracies = [0.80, 0.81, 0.805, 0.81, 0.815]
+    # Each size's mistakes on rows of their own, as separately trained students make them.
+    correct = {name: np.array([rng.random(200) < a for a in accuracies]) for name in ("in_distribution", "balanced")}
+    points = [(n, correct["in_distribution"][i].mean(), correct["balanced"][i].mean()) for i, n in enumerate(sizes)]
+    analysis = analyse_ablation(points, correct=correct, resamples=60)
+    for low, high in analysis.gain_intervals.values():
+        assert low < ablation.GAIN_RESOLUTION_POINTS < high
+    assert analysis.worthwhile is False
+    assert analysis.recommendation.startswith("Inside the noise")
+    assert analysis.accuracy_intervals["balanced"][0][0] < points[0][2] < analysis.accuracy_intervals["balanced"][0][1]
+    assert "95% interval" in analysis.markdown() and "[0." in analysis.markdown()
+
+
+def test_a_steep_curve_on_many_rows_is_worth_more_data_with_its_interval() -> None:
+    rng = np.random.default_rng(1)
+    sizes = SIZES[:5]
+    accuracies = [float(power_law(n, 0.95, 2.0, 0.3)) for n in sizes]
+    correct = {name: _correct(accuracies, 20_000, rng) for name in ("in_distribution", "balanced")}
+    points = [(n, correct["in_distribution"][i].mean(), correct["balanced"][i].mean()) for i, n in enumerate(sizes)]
+    analysis = analyse_ablation(points, correct=correct, resamples=60)
+    assert analysis.worthwhile is True
+    low, high = analysis.gain_intervals["in_distribution"]
+    assert 0.5 < low <= analysis.doubling_gain_points["in_distribution"] <= high
+    assert "(95% interval" in analysis.recommendation
+    with pytest.raises(ValueError, match="do not give the stated accuracies"):
+        analyse_ablation([(n, 0.5, 0.5) for n in sizes], correct=correct)

@@ -143,7 +143,7 @@ USER_ERRORS: dict[str, Callable[[Path], tuple[list[object], tuple[str, ...]]]] =
     ),
     "predict: a folder that is no adapter": lambda t: (
         predict(t, t, "--output", t / "out.parquet"),
-        ("is not an adapter folder: it holds no adapter_config.json",),
+        ("is not an adapter folder: it holds no student.json",),
     ),
     "predict: nothing published under a prefix": lambda t: (
         predict(t, "students/adapters/size=5pct/nope", "--output", t / "out.parquet"),

@@ -12,7 +12,7 @@ import dagster as dg
 import duckdb
 import pytest
 
-from distill_pipeline.core.layout import ABLATION_PREFIX, CHAMPION_CURRENT, eval_report_prefix
+from distill_pipeline.core.layout import ABLATION_PREFIX, CHAMPION_CURRENT, EXPERIMENTS_PREFIX, eval_report_prefix
 from distill_pipeline.logs.freshness import recent_days
 
 
@@ -98,9 +98,11 @@ def test_demo_runs_the_whole_graph_to_a_promoted_champion(tmp_path: Path) -> Non
     )
     out = completed.stdout
     assert completed.returncode == 0, out + completed.stderr
-    # 2 data days' worth of steps for one day, 2 sizes x (train set, adapter, report), ablation, champion.
-    steps = 2 + 2 + 2 + 2 * 2 + 2
-    assert f"[{steps}/{steps}] champion" in out
+    # 2 data days' worth of steps for one day, 2 sizes x (train set, adapter, report) of the base
+    # variant alone (the task's [variants] demo), then the ablation, the experiments report and the champion.
+    steps = 2 + 2 + 2 + 2 * 2 + 3
+    # The last run holds the unpartitioned assets in the graph's order.
+    assert f"[{steps - 1}/{steps}] champion" in out and f"[{steps}/{steps}] experiments_report" in out
     assert "promoted: champion is" in out
     sections = ("Accuracy by training-set size", "Teacher vs student vs baselines", "Against gold", "### Ablation")
     for section in sections:
@@ -115,7 +117,9 @@ def test_demo_runs_the_whole_graph_to_a_promoted_champion(tmp_path: Path) -> Non
     manifest = json.loads((store / champion["adapter_prefix"] / "_manifest.json").read_text())
     assert {"adapter/adapter_config.json", "adapter/adapter_model.safetensors"} <= set(manifest["files"])
     ablation = json.loads((store / ABLATION_PREFIX / "report.json").read_text())
-    assert ablation["sizes"] == ["25pct", "100pct"]
+    assert ablation["sizes"] == ["25pct", "100pct"] and set(ablation["variants"]) == {"base"}
+    experiments = json.loads((store / EXPERIMENTS_PREFIX / "report.json").read_text())
+    assert {(run["size"], run["variant"]) for run in experiments["runs"]} == {("25pct", "base"), ("100pct", "base")}
     for size in ("25pct", "100pct"):
         report = json.loads((store / eval_report_prefix(size) / "report.json").read_text())
         for test_set in ("in_distribution", "balanced"):
@@ -128,6 +132,7 @@ def test_demo_runs_the_whole_graph_to_a_promoted_champion(tmp_path: Path) -> Non
 
     with dg.DagsterInstance.from_config(str(tmp_path / ".dagster_home")) as instance:
         runs = instance.get_runs()
-        # One run per day, curation and test sets, per size (training set, student, report), ablation and champion.
-        assert len(runs) == 5
+        # One run per day, curation and test sets, per size the training set, per size and demo variant
+        # (student, report), then ablation, experiments and champion.
+        assert len(runs) == 7
         assert all(run.status == dg.DagsterRunStatus.SUCCESS for run in runs)

@@ -25,7 +25,13 @@ from distill_pipeline.defs.data.ingest import raw_logs
 from distill_pipeline.defs.logs.assets import teacher_logs
 from distill_pipeline.defs.logs.sensors import fresh_logs_sensor
 from distill_pipeline.defs.monitoring.assets import drift_report
-from distill_pipeline.defs.monitoring.jobs import DRIFT_SIGNAL_TAG, DRIFT_VALUE_TAG, TRIGGER_TAG, retrain_size_key
+from distill_pipeline.defs.monitoring.jobs import (
+    DRIFT_SIGNAL_TAG,
+    DRIFT_VALUE_TAG,
+    TRIGGER_TAG,
+    retrain_partition_key,
+    retrain_size_key,
+)
 from distill_pipeline.defs.monitoring.schedules import redistill_schedule
 from distill_pipeline.defs.monitoring.sensors import drift_retraining_sensor
 from distill_pipeline.defs.students.assets import lora_adapter
@@ -239,7 +245,7 @@ def test_retraining_sensor_fires_once_per_drift_event(instance: dg.DagsterInstan
     fired = tick(healthy.cursor)
     assert isinstance(fired, dg.SensorResult)
     (request,) = fired.run_requests
-    assert request.partition_key == retrain_size_key()
+    assert request.partition_key == retrain_partition_key() == f"{retrain_size_key()}|base"
     assert request.tags[TRIGGER_TAG] == "drift"
     assert (request.tags[DRIFT_SIGNAL_TAG], request.tags[DRIFT_VALUE_TAG]) == (drift.OOV_INCREASE, "0.35")
     assert request.tags["distill/drift_day"] == DAYS[0]
@@ -262,11 +268,10 @@ def test_retraining_sensor_fires_once_per_drift_event(instance: dg.DagsterInstan
 def test_redistill_schedule_targets_the_configured_size() -> None:
     context = dg.build_schedule_context(scheduled_execution_time=dt.datetime(2026, 3, 1, 3))
     request = redistill_schedule(context)
-    assert request.partition_key == retrain_size_key() == "100pct"
+    assert request.partition_key == retrain_partition_key() == "100pct|base"
     assert request.run_key == "redistill-2026-03-01T03:00:00" and request.tags[TRIGGER_TAG] == "schedule"
     job = load_defs().resolve_job_def("redistill_job")
     assert {k.to_user_string() for k in job.asset_layer.executable_asset_keys} == {
-        "train_sets",
         "lora_adapter",
         "eval_report",
         "champion",
@@ -300,7 +305,7 @@ def test_drift_report_detects_injected_drift_and_shadow_evaluates_the_champion(
 
     # A champion: the drifted day is compared with its training set (less the day's own rows,
     # which the curated pool took in) and labelled by it in the shadow.
-    for asset, partition in (("test_sets", None), ("train_sets", "100pct"), ("lora_adapter", "100pct")):
+    for asset, partition in (("test_sets", None), ("train_sets", "100pct"), ("lora_adapter", "100pct|base")):
         assert _materialize(assets, [asset], local_store, task, instance, partition).success, asset
     adapter = LoraAdapters(local_store).current("100pct")
     assert adapter is not None

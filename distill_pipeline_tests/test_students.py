@@ -11,19 +11,28 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import dagster as dg
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from distill_pipeline.core.layout import CHAMPION_CURRENT, adapter_pointer, eval_report_prefix
+from distill_pipeline.core.layout import (
+    ABLATION_PREFIX,
+    CHAMPION_CURRENT,
+    EXPERIMENTS_PREFIX,
+    adapter_pointer,
+    eval_report_prefix,
+)
+from distill_pipeline.core.published import PREDICTIONS_FILE
 from distill_pipeline.core.store import LocalStore
 from distill_pipeline.core.tables import publish_report, publish_table, read_manifest, read_report
 from distill_pipeline.core.task import BUILTIN_TASKS_DIR, Task, load_task
 from distill_pipeline.defs.students import assets as student_assets
+from distill_pipeline.defs.students import experiments as student_experiments
 from distill_pipeline.defs.students.launchers import K8S_GPU_OP_TAGS
 from distill_pipeline.defs.students.resources import TrainerResource
 from distill_pipeline.demo.simulator import simulate_traffic
 from distill_pipeline.students.devices import claim_gpu, device_env, visible_gpus
-from distill_pipeline.students.promotion import Candidate, best_candidate, decide_promotion
+from distill_pipeline.students.promotion import Candidate, Labels, best_candidate, decide_promotion
 from distill_pipeline.students.specs import build_train_spec, train_id
 from distill_pipeline_tests.test_assets import ASSETS, _checks, _metadata, _resources
 
@@ -32,9 +41,12 @@ STUDENT_ASSETS = [
     student_assets.eval_report,
     student_assets.ablation_report,
     student_assets.champion,
+    student_experiments.experiments_report,
 ]
 ALL_ASSETS = [*ASSETS, *STUDENT_ASSETS]
 SIZE = "50pct"
+# The tiny task's second variant: the toxicity task's rank16, trained beside base at SIZE.
+VARIANT = "rank16"
 needs_training_stack = pytest.mark.skipif(
     any(
         __import__("importlib.util").util.find_spec(m) is None
@@ -56,63 +68,139 @@ def scores(in_distribution: float, balanced: float, metric: str = "accuracy") ->
     return {"in_distribution": {metric: in_distribution}, "balanced": {metric: balanced}}
 
 
-# ---- the promotion decision
+# ---- the promotion decision: paired tests on the same rows
+
+ROWS = {"in_distribution": 300, "balanced": 200}
+LABELS = Labels((0, 1), 1)
 
 
-def test_a_challenger_that_beats_the_champion_by_the_margin_on_both_sets_is_promoted() -> None:
-    decision = decide_promotion(scores(0.93, 0.86), scores(0.92, 0.85), None, 0.005, "champion")
-    assert decision.promote and decision.reference == "champion"
-    assert [c.passed for c in decision.comparisons] == [True, True]
+def teacher_labels() -> dict[str, np.ndarray]:
+    """The test labels every fake evaluation shares (about half positive)."""
+    rng = np.random.default_rng(11)
+    return {name: rng.integers(0, 2, rows) for name, rows in ROWS.items()}
 
 
-def test_a_challenger_short_of_the_margin_on_one_set_is_rejected() -> None:
-    decision = decide_promotion(scores(0.95, 0.852), scores(0.92, 0.85), None, 0.005, "champion")
+def wrong_on_first(truth: dict[str, np.ndarray], in_distribution: float, balanced: float) -> dict[str, np.ndarray]:
+    """Predictions wrong on the first rows of each test set, right on the rest: a better model's
+    mistakes are a subset of a worse one's, so the difference is all discordant rows one way."""
+    predictions = {}
+    for name, accuracy in (("in_distribution", in_distribution), ("balanced", balanced)):
+        predicted = truth[name].copy()
+        wrong = round((1 - accuracy) * len(predicted))
+        predicted[:wrong] = 1 - predicted[:wrong]
+        predictions[name] = predicted
+    return predictions
+
+
+def majority(truth: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    return {name: np.zeros_like(labels) for name, labels in truth.items()}
+
+
+def decide(challenger, champion, truth=None, **kwargs):
+    truth = truth if truth is not None else teacher_labels()
+    return decide_promotion(truth, challenger, champion, LABELS, kwargs.pop("compare_to", "champion"), **kwargs)
+
+
+def test_a_challenger_significantly_better_on_the_decisive_set_and_no_worse_elsewhere_is_promoted() -> None:
+    truth = teacher_labels()
+    decision = decide(wrong_on_first(truth, 0.95, 0.86), wrong_on_first(truth, 0.88, 0.85), truth)
+    assert decision.promote and decision.reference == "champion" and decision.alpha == 0.05
+    decisive, other = decision.comparisons
+    assert (decisive.test_set, decisive.decisive, decisive.passed) == ("in_distribution", True, True)
+    assert decisive.paired["test"] == "McNemar exact" and decisive.paired["p_value"] < 0.001
+    # Two rows better on the balanced set is inside the noise: not a win, and not a loss either.
+    assert (other.paired["verdict"], other.passed) == ("tied", True)
+
+
+def test_a_win_inside_the_noise_is_not_a_win() -> None:
+    truth = teacher_labels()
+    # Three rows better out of 300: p = 0.25 by McNemar's exact test.
+    decision = decide(wrong_on_first(truth, 0.90, 0.85), wrong_on_first(truth, 0.89, 0.85), truth)
     assert not decision.promote
-    assert [(c.test_set, c.passed) for c in decision.comparisons] == [("in_distribution", True), ("balanced", False)]
-    assert any(reason.startswith("balanced:") and "does not beat" in reason for reason in decision.reasons)
-    # Worse on one set is rejected whatever the gain on the other.
-    assert not decide_promotion(scores(0.99, 0.80), scores(0.92, 0.85), None, 0.0, "champion").promote
-    # A tie is not a win, even with no margin.
-    assert not decide_promotion(scores(0.92, 0.85), scores(0.92, 0.85), None, 0.0, "champion").promote
+    assert decision.comparisons[0].paired["verdict"] == "tied"
+    assert "not passed" in decision.reasons[0] and "p=0.25" in decision.reasons[0]
+    # With every test set decisive, each must be a significant win.
+    both = decide(wrong_on_first(truth, 0.95, 0.86), wrong_on_first(truth, 0.88, 0.85), truth, decisive=list(ROWS))
+    assert not both.promote and [c.passed for c in both.comparisons] == [True, False]
 
 
-def test_the_first_challenger_is_promoted_only_if_it_beats_the_baseline_floor() -> None:
-    first = decide_promotion(scores(0.90, 0.80), None, None, 0.005, "champion", floor=scores(0.82, 0.5))
-    assert first.promote and first.reference == "none"
-    useless = decide_promotion(scores(0.82, 0.5), None, None, 0.005, "champion", floor=scores(0.82, 0.5))
-    assert not useless.promote
-    assert "baseline floor" in useless.reasons[0]
+def test_significantly_worse_on_any_test_set_blocks_the_promotion() -> None:
+    truth = teacher_labels()
+    decision = decide(wrong_on_first(truth, 0.99, 0.75), wrong_on_first(truth, 0.88, 0.85), truth)
+    assert not decision.promote
+    assert [c.paired["verdict"] for c in decision.comparisons] == ["better", "worse"]
 
 
-def test_compared_to_the_teacher_the_challenger_needs_gold_labels_and_a_margin() -> None:
-    # The teacher has gold scores: the student must beat them on both sets.
-    assert decide_promotion(scores(0.93, 0.91), scores(0.99, 0.99), scores(0.92, 0.89), 0.005, "teacher").promote
-    assert not decide_promotion(scores(0.93, 0.891), None, scores(0.92, 0.89), 0.005, "teacher").promote
-    # Without gold on a set, the teacher's labels are the test labels: no promotion over it.
-    no_gold = decide_promotion(scores(0.93, 0.91), None, {"in_distribution": {"accuracy": 0.9}}, 0.005, "teacher")
-    assert not no_gold.promote
-    assert any("no gold labels" in reason for reason in no_gold.reasons)
+def test_the_margin_applies_on_top_of_significance() -> None:
+    truth = teacher_labels()
+    challenger, champion = wrong_on_first(truth, 0.92, 0.85), wrong_on_first(truth, 0.88, 0.85)
+    assert decide(challenger, champion, truth, margin=0.03).promote
+    assert not decide(challenger, champion, truth, margin=0.05).promote
+
+
+def test_the_first_champion_must_be_significantly_better_than_the_majority_baseline() -> None:
+    truth = teacher_labels()
+    first = decide(wrong_on_first(truth, 0.90, 0.80), None, truth, floor=majority(truth))
+    assert first.promote and first.reference == "majority baseline"
+    # One row better than always answering 0 beats the floor, but inside the noise.
+    floor = majority(truth)
+    barely = {name: labels.copy() for name, labels in floor.items()}
+    for name, labels in barely.items():
+        labels[np.flatnonzero(truth[name] == 1)[:3]] = 1
+    noise = decide(barely, None, truth, floor=floor)
+    assert not noise.promote and noise.comparisons[0].paired["verdict"] == "tied"
+    useless = decide(floor, None, truth, floor=floor)
+    assert not useless.promote and "baseline floor" in useless.reasons[0]
+
+
+def test_compared_to_the_teacher_the_challenger_needs_gold_labels() -> None:
+    teacher = teacher_labels()
+    gold = wrong_on_first(teacher, 0.95, 0.95)  # the teacher is wrong on 5% of the rows
+    student = {name: labels.copy() for name, labels in gold.items()}  # and the student right on all
+    over = decide(student, teacher, gold, compare_to="teacher")
+    assert over.promote and over.reference == "teacher"
+    without = decide(
+        {"in_distribution": student["in_distribution"]},
+        teacher,
+        {"in_distribution": gold["in_distribution"]},
+        compare_to="teacher",
+    )
+    assert not without.promote and "against gold labels" in without.reasons[0]
     with pytest.raises(ValueError, match="compare_to"):
-        decide_promotion(scores(0.9, 0.9), None, None, 0.0, "baseline")  # type: ignore[arg-type]
+        decide(student, teacher, gold, compare_to="baseline")
+    with pytest.raises(ValueError, match="decisive"):
+        decide(student, teacher, gold, decisive=["train"])
 
 
-def test_other_metrics_and_missing_scores() -> None:
-    f1 = decide_promotion(scores(0.7, 0.8, "f1"), scores(0.6, 0.7, "f1"), None, 0.01, "champion", metric="f1")
-    assert f1.promote and f1.metric == "f1"
-    missing = decide_promotion({"in_distribution": {"accuracy": 0.99}}, None, None, 0.0, "champion")
-    assert not missing.promote and "no accuracy on balanced" in missing.reasons[0]
+def test_f1_comparisons_use_the_paired_bootstrap() -> None:
+    truth = teacher_labels()
+    decision = decide(wrong_on_first(truth, 0.95, 0.86), wrong_on_first(truth, 0.85, 0.85), truth, metric="f1")
+    assert decision.promote and decision.metric == "f1"
+    assert decision.comparisons[0].paired["test"] == "paired bootstrap"
 
 
-def test_the_best_candidate_has_the_best_mean_and_ties_go_to_more_data() -> None:
-    def candidate(key: str, rows: int, a: float, b: float) -> Candidate:
-        return Candidate(key, key, f"students/{key}/", rows, scores(a, b))
+def _candidate(key: str, rows: int, truth, accuracies, variant: str = "base", parameters: int = 1000) -> Candidate:
+    return Candidate(
+        key, f"{key}-{variant}", f"students/{key}/", rows, {}, variant, wrong_on_first(truth, *accuracies), parameters
+    )
 
-    picked = best_candidate([candidate("5pct", 100, 0.9, 0.7), candidate("50pct", 1000, 0.88, 0.8)])
-    assert picked.size_key == "50pct"
-    tie = best_candidate([candidate("50pct", 1000, 0.9, 0.8), candidate("100pct", 2000, 0.8, 0.9)])
-    assert tie.size_key == "100pct"
+
+def test_the_cheapest_student_tied_with_the_best_challenges() -> None:
+    truth = teacher_labels()
+    small = _candidate("25pct", 250, truth, (0.90, 0.84))
+    large = _candidate("100pct", 1000, truth, (0.91, 0.85))
+    choice = best_candidate([large, small], truth, LABELS)
+    assert choice.best is large and choice.chosen is small
+    assert {c.name for c in choice.tied} == {"25pct/base", "100pct/base"}
+    assert "not significantly worse" in choice.reasons[1]
+    # Significantly worse is not a tie: the best challenges.
+    tiny = _candidate("5pct", 50, truth, (0.80, 0.70))
+    assert best_candidate([tiny, large], truth, LABELS).chosen is large
+    # Among variants of one size, the fewer trainable parameters win a tie.
+    rank16 = _candidate("100pct", 1000, truth, (0.915, 0.85), "rank16", parameters=2000)
+    assert best_candidate([rank16, large], truth, LABELS).chosen is large
     with pytest.raises(ValueError):
-        best_candidate([])
+        best_candidate([], truth, LABELS)
 
 
 # ---- specs, task configuration, devices
@@ -183,7 +271,7 @@ def test_training_steps_carry_the_gpu_pool_and_a_kubernetes_gpu_request() -> Non
 # ---- the promotion gate as an asset, on reports written into a store
 
 
-def _fake_adapter(store: LocalStore, size: str, train: str, tmp_path: Path) -> str:
+def _fake_adapter(store: LocalStore, size: str, train: str, tmp_path: Path, variant: str = "base") -> str:
     prefix = f"students/adapters/size={size}/{train}/"
     files = {}
     for name in ("adapter_config.json", "adapter_model.safetensors", "student.json"):
@@ -192,7 +280,7 @@ def _fake_adapter(store: LocalStore, size: str, train: str, tmp_path: Path) -> s
         path.write_text(json.dumps({"student_kind": "encoder"}))
         files[f"adapter/{name}"] = path
     publish_table(store, prefix, files, {"size": size, "train_id": train})
-    store.put_bytes(adapter_pointer(size), json.dumps({"prefix": prefix, "train_id": train}).encode())
+    store.put_bytes(adapter_pointer(size, variant), json.dumps({"prefix": prefix, "train_id": train}).encode())
     return prefix
 
 
@@ -203,39 +291,61 @@ def _fake_report(
     rows: int,
     student: tuple[float, float],
     tmp_path: Path,
-    gold: tuple[tuple[float, float], tuple[float, float]] | None = None,
+    *,
+    gold: bool = False,
+    variant: str = "base",
 ) -> None:
-    """An evaluation report; ``gold``: the student's and the teacher's accuracy against gold labels."""
-    prefix = _fake_adapter(store, size, train, tmp_path)
+    """An evaluation report and its per-row predictions: the student wrong on the first rows of each
+    test set (``wrong_on_first``); ``gold``: gold labels equal to its predictions."""
+    import pyarrow as pa
+
+    prefix = _fake_adapter(store, size, train, tmp_path, variant)
+    truth = teacher_labels()
+    predicted = wrong_on_first(truth, *student)
+    columns: dict[str, list] = {
+        k: [] for k in ("test_set", "row", "label", "gold_label", "student", "tfidf_logreg", "majority")
+    }
     test_sets = {}
-    for index, name in enumerate(("in_distribution", "balanced")):
-        vs_gold = None
-        if gold is not None:
-            vs_gold = {
-                "student": {"accuracy": gold[0][index]},
-                "teacher": {"accuracy": gold[1][index]},
-                "majority": {"accuracy": 0.5},
-            }
+    for name, labels in truth.items():
+        count = len(labels)
+        columns["test_set"] += [name] * count
+        columns["row"] += list(range(count))
+        columns["label"] += labels.tolist()
+        columns["gold_label"] += predicted[name].tolist() if gold else [-1] * count
+        columns["student"] += predicted[name].tolist()
+        columns["tfidf_logreg"] += labels.tolist()
+        columns["majority"] += [0] * count
+        accuracy = float((predicted[name] == labels).mean())
         test_sets[name] = {
-            "rows": 100,
-            "has_gold": gold is not None,
+            "rows": count,
+            "has_gold": gold,
             "vs_teacher": {
-                "student": {"accuracy": student[index]},
-                "majority": {"accuracy": 0.5},
-                "tfidf_logreg": {"accuracy": 0.7},
+                "student": {"accuracy": accuracy, "accuracy_ci": [accuracy - 0.03, accuracy + 0.03]},
+                "majority": {"accuracy": float((labels == 0).mean())},
+                "tfidf_logreg": {"accuracy": 1.0},
                 "teacher": {"agreement": 1.0},
             },
-            "vs_gold": vs_gold,
+            "vs_gold": None,
         }
     report = {
         "size": size,
+        "variant": variant,
         "train_id": train,
         "adapter_prefix": prefix,
         "train_rows": rows,
+        "trainable_parameters": 1000,
         "test_sets_version": 1,
         "test_sets": test_sets,
+        "speed": {
+            "single_request": {"latency_p50_ms": 5.0, "rows_per_s": 200.0, "batch_size": 1, "rows": 32},
+            "batched": {"latency_p50_ms": 20.0, "rows_per_s": 1600.0, "batch_size": 32, "rows": 256},
+        },
     }
-    publish_report(store, eval_report_prefix(size), report, "", {"size": size})
+    table = tmp_path / f"{train}-predictions.parquet"
+    pq.write_table(pa.table(columns), table)
+    publish_report(
+        store, eval_report_prefix(size, variant), report, "", {"size": size}, files={PREDICTIONS_FILE: table}
+    )
 
 
 def _materialize_champion(store: LocalStore, task: Task, instance: dg.DagsterInstance, **config: object):
@@ -258,41 +368,56 @@ def test_the_champion_gate_promotes_keeps_and_rejects(local_store: LocalStore, t
         first = _materialize_champion(local_store, task, instance)
         assert first.success
         assert _checks(first) == {"promotion_gate": True, "champion_readable": True}
-        assert _metadata(first, "champion")["promoted"] is True
+        metadata = _metadata(first, "champion")
+        assert metadata["promoted"] is True and "majority baseline" in metadata["reasons"]
         current = json.loads(local_store.get_bytes(CHAMPION_CURRENT))
         assert (current["train_size"], current["train_id"], current["test_sets_version"]) == ("50pct", "bbbb", 1)
-        assert current["metrics"]["balanced"]["accuracy"] == 0.80
+        assert (current["variant"], current["metrics"]["balanced"]["accuracy"]) == ("base", 0.80)
+        assert current["metrics"]["balanced"]["accuracy_ci"] == pytest.approx([0.77, 0.83])
+        assert current["decision"]["comparisons"][0]["paired"]["test"] == "McNemar exact"
         assert current["adapter_prefix"] == "students/adapters/size=50pct/bbbb/"
+        assert metadata["champion_accuracy_balanced_low"] == pytest.approx(0.77)
 
         # Nothing new: the same champion stays, and the gate is open.
         again = _materialize_champion(local_store, task, instance)
         assert again.success and _metadata(again, "champion")["decision"].startswith("kept")
 
-        # A retrained 100pct student, better on one set only: rejected, current.json untouched.
-        _fake_report(local_store, "100pct", "cccc", 1000, (0.99, 0.801), tmp_path)
+        # A retrained 100pct student, far better in distribution but significantly worse on the
+        # balanced set: rejected, current.json untouched.
+        _fake_report(local_store, "100pct", "cccc", 1000, (0.99, 0.74), tmp_path)
         rejected = _materialize_champion(local_store, task, instance)
         assert rejected.success, "a challenger that did not earn promotion is an outcome, not a failed run"
         assert _checks(rejected) == {"promotion_gate": False, "champion_readable": True}
-        assert _metadata(rejected, "champion")["decision"].startswith("kept the current champion")
-        assert "balanced" in _metadata(rejected, "champion")["reasons"]
+        metadata = _metadata(rejected, "champion")
+        assert metadata["decision"].startswith("kept the current champion")
+        assert "balanced: accuracy 0.7400 vs the champion's 0.8000" in metadata["reasons"]
+        assert "| balanced | 0.7400 | 0.8000 |" in metadata["paired_tests"]
         assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["train_id"] == "bbbb"
 
-        # Better on both by the margin: promoted, and the history keeps both champions.
-        _fake_report(local_store, "100pct", "dddd", 1000, (0.95, 0.85), tmp_path)
+        # Retrained again, three rows better in distribution: inside the noise, so the cheaper
+        # 50pct student (the champion) challenges, and nothing changes.
+        _fake_report(local_store, "100pct", "cccd", 1000, (0.91, 0.80), tmp_path)
+        tie = _materialize_champion(local_store, task, instance)
+        metadata = _metadata(tie, "champion")
+        assert (metadata["best_size"], metadata["challenger_size"]) == ("100pct", "50pct")
+        assert metadata["decision"] == "kept: the challenger already is the champion"
+
+        # Significantly better on the decisive set and no worse elsewhere: promoted.
+        _fake_report(local_store, "100pct", "dddd", 1000, (0.97, 0.86), tmp_path)
         promoted = _materialize_champion(local_store, task, instance)
         assert promoted.success and _metadata(promoted, "champion")["champion_train_id"] == "dddd"
         assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["previous_train_id"] == "bbbb"
         assert len(local_store.list("champion/history/")) == 2
 
         # Held against the teacher without gold labels: the gate stays shut.
-        _fake_report(local_store, "75pct", "eeee", 750, (0.97, 0.9), tmp_path)
+        _fake_report(local_store, "75pct", "eeee", 750, (0.99, 0.95), tmp_path)
         teacher = _materialize_champion(local_store, task, instance, compare_to="teacher")
         assert teacher.success and _checks(teacher)["promotion_gate"] is False
         assert "gold labels" in _metadata(teacher, "champion")["reasons"]
         assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["train_id"] == "dddd"
 
-        # With gold labels, a student that beats the teacher against them on both sets is promoted.
-        _fake_report(local_store, "75pct", "ffff", 750, (0.97, 0.9), tmp_path, gold=((0.95, 0.92), (0.92, 0.88)))
+        # With gold labels, a student significantly better than the teacher against them is promoted.
+        _fake_report(local_store, "75pct", "ffff", 750, (0.96, 0.94), tmp_path, gold=True)
         over_teacher = _materialize_champion(local_store, task, instance, compare_to="teacher")
         assert over_teacher.success and _checks(over_teacher)["promotion_gate"] is True
         assert json.loads(local_store.get_bytes(CHAMPION_CURRENT))["train_id"] == "ffff"
@@ -325,16 +450,21 @@ def tiny_task(tmp_path_factory: pytest.TempPathFactory) -> Task:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory: pytest.TempPathFactory, tiny_task: Task) -> Iterator[dict[str, object]]:
-    """The data stages, then lora_adapter and eval_report for one partition, materialised once."""
+    """The data stages, lora_adapter and eval_report for one size and two variants, then the
+    reports over them and the champion, materialised once."""
     root = tmp_path_factory.mktemp("trained")
     store = LocalStore(root / "store")
     simulate_traffic(store, days=["2026-03-01"], records_per_day=700, seed=4, task=tiny_task)
     resources = student_resources(store, tiny_task, root / "work")
     with dg.instance_for_test() as instance:
 
-        def materialize(asset: str, partition: str | None = None) -> dg.ExecuteInProcessResult:
+        def materialize(asset: str | list[str], partition: str | None = None) -> dg.ExecuteInProcessResult:
             result = dg.materialize(
-                ALL_ASSETS, selection=[asset], partition_key=partition, resources=resources, instance=instance
+                ALL_ASSETS,
+                selection=[asset] if isinstance(asset, str) else asset,
+                partition_key=partition,
+                resources=resources,
+                instance=instance,
             )
             assert result.success
             return result
@@ -344,9 +474,19 @@ def trained(tmp_path_factory: pytest.TempPathFactory, tiny_task: Task) -> Iterat
         for asset in ("curated_examples", "test_sets"):
             materialize(asset)
         materialize("train_sets", SIZE)
-        adapter = materialize("lora_adapter", SIZE)
-        report = materialize("eval_report", SIZE)
-        yield {"store": store, "root": root, "adapter": adapter, "report": report, "instance": instance}
+        adapter = materialize("lora_adapter", f"{SIZE}|base")
+        report = materialize("eval_report", f"{SIZE}|base")
+        variant = materialize(["lora_adapter", "eval_report"], f"{SIZE}|{VARIANT}")
+        fan_in = materialize(["ablation_report", "experiments_report", "champion"])
+        yield {
+            "store": store,
+            "root": root,
+            "adapter": adapter,
+            "report": report,
+            "variant": variant,
+            "fan_in": fan_in,
+            "instance": instance,
+        }
 
 
 @needs_training_stack
@@ -378,7 +518,11 @@ def test_re_materialising_lora_adapter_reuses_the_published_adapter(trained: dic
     store = trained["store"]
     resources = student_resources(store, tiny_task, trained["root"] / "work")
     again = dg.materialize(
-        ALL_ASSETS, selection=["lora_adapter"], partition_key=SIZE, resources=resources, instance=trained["instance"]
+        ALL_ASSETS,
+        selection=["lora_adapter"],
+        partition_key=f"{SIZE}|base",
+        resources=resources,
+        instance=trained["instance"],
     )
     metadata = _metadata(again, "lora_adapter")
     assert metadata["reused_published_adapter"] is True
@@ -400,10 +544,66 @@ def test_eval_report_sets_student_teacher_and_baselines_side_by_side(trained: di
     assert "False positives" in metadata["mistakes_in_distribution"]
 
     report = read_report(store, eval_report_prefix(SIZE))
-    assert report["test_sets_version"] == 1 and report["size"] == SIZE
+    assert report["test_sets_version"] == 1 and (report["size"], report["variant"]) == (SIZE, "base")
+    # Every score carries its 95% interval, in the report and in the metadata.
+    low, high = report["test_sets"]["balanced"]["vs_teacher"]["student"]["accuracy_ci"]
+    assert low <= report["test_sets"]["balanced"]["vs_teacher"]["student"]["accuracy"] <= high
+    accuracy = metadata["student_accuracy_in_distribution"]
+    assert (
+        metadata["student_accuracy_in_distribution_low"]
+        <= accuracy
+        <= metadata["student_accuracy_in_distribution_high"]
+    )
+    assert (
+        metadata["student_f1_balanced_low"] <= metadata["student_f1_balanced"] <= metadata["student_f1_balanced_high"]
+    )
+    assert "| student | " in metadata["comparison"] and "[" in metadata["comparison"].split("| student |")[1]
+    assert report["trainable_parameters"] > 0 and report["train_seconds"] > 0
+    # The per-row predictions a paired test needs: every test row, in test-set order.
+    rows = pq.read_table(store.root / eval_report_prefix(SIZE) / PREDICTIONS_FILE).to_pydict()
+    assert rows["test_set"].count("balanced") == 30 and rows["test_set"].count("in_distribution") == 60
+    assert set(rows["student"]) <= {0, 1} and set(rows["majority"]) <= {0, 1}
     assert report["test_sets"]["balanced"]["rows"] == 30
     assert report["test_sets"]["in_distribution"]["vs_gold"] is None
     assert (store.root / eval_report_prefix(SIZE) / "report.md").read_text().startswith("_The test labels")
+
+
+@needs_training_stack
+def test_variants_train_evaluate_and_compare_side_by_side(trained: dict) -> None:
+    store = trained["store"]
+    base = json.loads(store.get_bytes(adapter_pointer(SIZE)))
+    variant = json.loads(store.get_bytes(adapter_pointer(SIZE, VARIANT)))
+    assert adapter_pointer(SIZE, VARIANT) == f"students/adapters/size={SIZE}/variant={VARIANT}/current.json"
+    assert base["train_id"] != variant["train_id"]
+    trained_variant = _metadata(trained["variant"], "lora_adapter")
+    assert (trained_variant["variant"], trained_variant["variant_change"]) == (VARIANT, "lora_r=16, lora_alpha=32")
+    assert json.loads(store.get_bytes(variant["prefix"] + "adapter/adapter_config.json"))["r"] == 16
+    report = read_report(store, eval_report_prefix(SIZE, VARIANT))
+    assert (report["variant"], report["train_id"]) == (VARIANT, variant["train_id"])
+    base_report = read_report(store, eval_report_prefix(SIZE))
+    assert report["trainable_parameters"] > base_report["trainable_parameters"]
+
+    result = trained["fan_in"]
+    experiments = read_report(store, EXPERIMENTS_PREFIX)
+    runs = {(run["size"], run["variant"]): run for run in experiments["runs"]}
+    assert set(runs) == {(SIZE, "base"), (SIZE, VARIANT)}
+    paired = runs[(SIZE, VARIANT)]["versus_base"]["in_distribution"]["accuracy"]
+    assert paired["test"] == "McNemar exact" and 0 <= paired["p_value"] <= 1
+    assert paired["verdict"] in ("better", "worse", "tied")
+    for run in runs.values():
+        interval = run["scores"]["balanced"]["f1"]
+        assert interval["low"] <= interval["estimate"] <= interval["high"]
+        assert run["usd_per_1k_predictions"] > 0 and run["trainable_parameters"] > 0
+    assert (experiments["recommended"]["size"], experiments["recommended"]["variant"]) in runs
+    metadata = _metadata(result, "experiments_report")
+    assert "lora_r=16, lora_alpha=32" in metadata["experiments"] and metadata["runs"] == 2
+
+    ablation = read_report(store, ABLATION_PREFIX)
+    assert set(ablation["variants"]) == {"base", VARIANT}
+    assert ablation["recommendation"].startswith("Cannot judge")  # one size: no curve
+    champion = _metadata(result, "champion")
+    assert champion["challenger_variant"] in ("base", VARIANT)
+    assert champion["challenger_size"] == SIZE and "alpha" in champion
 
 
 @needs_training_stack

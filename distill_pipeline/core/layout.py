@@ -6,6 +6,8 @@ sees the manifest sees a complete table (the manifest is the publish step).
 
 from __future__ import annotations
 
+from distill_pipeline.core.task import BASE_VARIANT
+
 TABLES = "tables"
 
 
@@ -44,20 +46,29 @@ def adapter_prefix(size_key: str, train_id: str) -> str:
     return f"{STUDENTS_ROOT}adapters/size={size_key}/{train_id}/"
 
 
-def adapter_pointer(size_key: str) -> str:
-    """The adapter a size partition currently has; written after the adapter's manifest."""
-    return f"{STUDENTS_ROOT}adapters/size={size_key}/current.json"
+def adapter_pointer(size_key: str, variant: str = BASE_VARIANT) -> str:
+    """The adapter a size x variant partition currently has; written after the adapter's manifest.
+
+    The base variant keeps the size's own ``current.json``; another variant's pointer lies in a
+    ``variant=NAME/`` folder beside it. Adapters themselves need no variant in their path: the
+    train id already names the settings they were trained with.
+    """
+    folder = f"{STUDENTS_ROOT}adapters/size={size_key}/"
+    return folder + ("" if variant == BASE_VARIANT else f"variant={variant}/") + "current.json"
 
 
 REPORTS = "reports"
 EVAL_REPORTS_ROOT = f"{REPORTS}/eval_report/"
 
 
-def eval_report_prefix(size_key: str) -> str:
-    return f"{EVAL_REPORTS_ROOT}size={size_key}/"
+def eval_report_prefix(size_key: str, variant: str = BASE_VARIANT) -> str:
+    """The base variant's report is the size's; another variant's lies in ``variant=NAME/`` under it."""
+    prefix = f"{EVAL_REPORTS_ROOT}size={size_key}/"
+    return prefix if variant == BASE_VARIANT else f"{prefix}variant={variant}/"
 
 
 ABLATION_PREFIX = f"{REPORTS}/ablation_report/"
+EXPERIMENTS_PREFIX = f"{REPORTS}/experiments_report/"
 TEACHER_EVAL_PREFIX = f"{REPORTS}/teacher_eval/"
 #: Teacher-written inputs (synthetic_examples), kept apart from the logged ones.
 SYNTHETIC_PREFIX = f"{TABLES}/synthetic_examples/"
@@ -82,3 +93,8 @@ DRIFT_REPORTS_ROOT = f"{REPORTS}/drift_report/"
 
 def drift_report_prefix(day: str) -> str:
     return f"{DRIFT_REPORTS_ROOT}dt={day}/"
+
+
+def ab_report_prefix(day: str) -> str:
+    """The feedback A/B report of one day's calls (the teacher against each served student)."""
+    return f"{REPORTS}/ab_report/dt={day}/"

@@ -17,7 +17,10 @@ from typing import Any, ClassVar
 from distill_pipeline.core import layout
 from distill_pipeline.core.store import ObjectStore
 from distill_pipeline.core.tables import MissingTableError, fetch_table, read_manifest, read_pointer, read_report
+from distill_pipeline.core.task import BASE_VARIANT
 
+#: The per-row predictions an evaluation report publishes beside report.json.
+PREDICTIONS_FILE = "predictions.parquet"
 #: Manifests read at once when a fan-in checks which mapped partitions were published (S3 latency).
 MANIFEST_READERS = 16
 
@@ -107,9 +110,9 @@ class TrainSets(Published):
 class LoraAdapters(Published):
     ASSET = "lora_adapter"
 
-    def current(self, size: str) -> dict[str, Any] | None:
-        """The size's current adapter (``prefix``, ``train_id``), or None before one is trained."""
-        return read_pointer(self.store, layout.adapter_pointer(size))
+    def current(self, size: str, variant: str = BASE_VARIANT) -> dict[str, Any] | None:
+        """The size and variant's current adapter (``prefix``, ``train_id``), or None before one is trained."""
+        return read_pointer(self.store, layout.adapter_pointer(size, variant))
 
     def manifest(self, prefix: str) -> dict[str, Any] | None:
         """The manifest of the adapter published under ``prefix`` (what it was trained on, its files)."""
@@ -119,8 +122,12 @@ class LoraAdapters(Published):
 class EvalReports(Published):
     ASSET = "eval_report"
 
-    def report(self, size: str) -> dict[str, Any] | None:
-        return read_report(self.store, layout.eval_report_prefix(size))
+    def report(self, size: str, variant: str = BASE_VARIANT) -> dict[str, Any] | None:
+        return read_report(self.store, layout.eval_report_prefix(size, variant))
+
+    def predictions(self, size: str, variant: str, directory: Path) -> Path:
+        """Every test row's label and each model's prediction (``predictions.parquet``), for paired tests."""
+        return fetch_table(self.store, layout.eval_report_prefix(size, variant), PREDICTIONS_FILE, directory)
 
 
 class Champion(Published):

@@ -59,16 +59,21 @@ def fetch_table(store: ObjectStore, prefix: str, name: str, directory: Path) -> 
     return local
 
 
-
 def publish_report(
-    store: ObjectStore, prefix: str, report: Mapping[str, Any], markdown: str, manifest: Mapping[str, Any]
+    store: ObjectStore,
+    prefix: str,
+    report: Mapping[str, Any],
+    markdown: str,
+    manifest: Mapping[str, Any],
+    files: Mapping[str, Path] | None = None,
 ) -> dict[str, Any]:
-    """``report.json`` and ``report.md`` under ``prefix``, manifest last."""
+    """``report.json`` and ``report.md`` under ``prefix`` (with any other ``files``), manifest last."""
     with tempfile.TemporaryDirectory(prefix="distill-report-") as directory:
         json_path, md_path = Path(directory) / "report.json", Path(directory) / "report.md"
         json_path.write_text(json.dumps(report, indent=2, sort_keys=True, default=str))
         md_path.write_text(markdown + "\n")
-        return publish_table(store, prefix, {"report.json": json_path, "report.md": md_path}, dict(manifest))
+        published = {**(files or {}), "report.json": json_path, "report.md": md_path}
+        return publish_table(store, prefix, published, dict(manifest))
 
 
 def read_report(store: ObjectStore, prefix: str) -> dict[str, Any] | None:

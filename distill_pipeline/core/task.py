@@ -7,8 +7,10 @@ folder, so a new task needs no change to the pipeline.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -116,10 +118,22 @@ class MonitoringConfig:
     # most this far below its agreement on the in-distribution test set.
     max_agreement_drop: float = 0.08
     shadow_rows: int = 300
+    # Live agreement on served traffic (shadow and sample pairs): a drift signal when the top of its
+    # 95% interval lies more than this margin below the champion's test-set agreement; days with
+    # fewer pairs are reported but not judged.
+    live_agreement_margin: float = 0.05
+    min_live_pairs: int = 30
+    # The feedback stream is read this many days past the calls' day, for verdicts that come late.
+    feedback_lag_days: int = 7
 
     def __post_init__(self) -> None:
         if min(self.sample_rows, self.embedding_rows, self.permutations, self.shadow_rows, self.min_rows) < 1:
             raise TaskConfigError("monitoring row counts and permutations must be positive")
+        if not 0.0 <= self.live_agreement_margin < 1.0 or self.min_live_pairs < 1 or self.feedback_lag_days < 0:
+            raise TaskConfigError(
+                "monitoring.live_agreement_margin must be within [0, 1), min_live_pairs positive and "
+                "feedback_lag_days not negative"
+            )
         if self.sensor_interval_s < 1 or self.fresh_log_days < 1:
             raise TaskConfigError("monitoring.sensor_interval_s and monitoring.fresh_log_days must be positive")
 
@@ -141,6 +155,51 @@ class SyntheticConfig:
     max_tokens: int = 400
 
 
+#: The variant every task has: the [student] table itself, with no overrides.
+BASE_VARIANT = "base"
+# A variant name is a partition key, a metadata key and a store path segment.
+VARIANT_NAME = re.compile(r"^[a-z][a-z0-9_]{0,39}$")
+
+
+@dataclass(frozen=True)
+class Variant:
+    """A named student experiment: the base student with a few settings overridden."""
+
+    name: str
+    description: str
+    # The StudentSettings fields this variant sets, as the task file writes them.
+    overrides: dict[str, Any]
+    settings: StudentSettings
+
+    def change(self) -> str:
+        """What the variant changes from base, in one line (``lora_r=16, lora_alpha=32``)."""
+        return ", ".join(f"{name}={value!r}" for name, value in self.overrides.items()) or "nothing (the base student)"
+
+
+@dataclass(frozen=True)
+class PromotionConfig:
+    """How sure a decision must be: the champion gate and the choice among sizes and variants.
+
+    A challenger is promoted only when a paired test on the same test rows (McNemar's exact test
+    for accuracy, the paired bootstrap otherwise) finds it better than the reference at ``alpha``
+    on every ``decisive`` test set, and finds it significantly worse on none.
+    """
+
+    alpha: float = 0.05
+    decisive: tuple[str, ...] = ("in_distribution",)
+    # Bootstrap resamples behind every interval and paired bootstrap; seeded, so reruns agree.
+    resamples: int = 4000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.alpha < 0.5:
+            raise TaskConfigError(f"promotion.alpha must be between 0 and 0.5, not {self.alpha!r}")
+        if not self.decisive:
+            raise TaskConfigError("promotion.decisive must name at least one test set")
+        if not 100 <= self.resamples <= 100_000:
+            raise TaskConfigError(f"promotion.resamples must be between 100 and 100000, not {self.resamples!r}")
+
+
 @dataclass(frozen=True)
 class Task:
     id: str
@@ -155,6 +214,22 @@ class Task:
     student: StudentSettings = field(default_factory=StudentSettings)
     synthetic: SyntheticConfig = field(default_factory=SyntheticConfig)
     monitoring: MonitoringConfig = field(default_factory=MonitoringConfig)
+    # Every student variant by name, base first; empty means base alone (see ``variant``).
+    variants: dict[str, Variant] = field(default_factory=dict)
+    # The variants the demo's main job trains; the rest are launched from the UI.
+    demo_variants: tuple[str, ...] = (BASE_VARIANT,)
+    promotion: PromotionConfig = field(default_factory=PromotionConfig)
+
+    def __post_init__(self) -> None:
+        if BASE_VARIANT not in self.variants:
+            base = Variant(BASE_VARIANT, "the [student] table", {}, self.student)
+            object.__setattr__(self, "variants", {BASE_VARIANT: base, **self.variants})
+
+    def variant(self, name: str) -> Variant:
+        try:
+            return self.variants[name]
+        except KeyError:
+            raise KeyError(f"task {self.id!r} has no student variant {name!r}; known: {list(self.variants)}") from None
 
     def prompt(self, prompt_id: str) -> PromptTemplate:
         try:
@@ -191,25 +266,98 @@ def _label_spec(raw: dict[str, Any]) -> LabelSpec:
 STUDENT_KEY_ALIASES = {"kind": "student_kind"}
 
 
-def _student_settings(raw: dict[str, Any]) -> StudentSettings:
-    """The [student] table as StudentSettings: its keys are the field names (or an old alias)."""
+def _student_fields(raw: dict[str, Any], where: str) -> dict[str, Any]:
+    """A table of StudentSettings fields by name (or an old alias), its keys checked."""
     settings = dict(raw)
     for alias, name in STUDENT_KEY_ALIASES.items():
         if alias in settings:
             if name in settings:
-                raise TaskConfigError(f"[student] sets both {name!r} and its old name {alias!r}; keep {name!r}")
+                raise TaskConfigError(f"{where} sets both {name!r} and its old name {alias!r}; keep {name!r}")
             settings[name] = settings.pop(alias)
     known = {f.name for f in fields(StudentSettings)}
     unknown = sorted(set(settings) - known)
     if unknown:
         raise TaskConfigError(
-            f"[student] has unknown key(s) {', '.join(map(repr, unknown))}; the keys are StudentSettings' fields "
+            f"{where} has unknown key(s) {', '.join(map(repr, unknown))}; the keys are StudentSettings' fields "
             f"(distill_pipeline/trainer/spec.py): {', '.join(sorted(known))}"
         )
+    return settings
+
+
+def _student_settings(raw: dict[str, Any]) -> StudentSettings:
+    """The [student] table as StudentSettings: its keys are the field names (or an old alias)."""
     try:
-        return StudentSettings(**settings)
-    except ValueError as exc:
+        return StudentSettings(**_student_fields(raw, "[student]"))
+    except (ValueError, TypeError) as exc:
         raise TaskConfigError(f"[student]: {exc}") from None
+
+
+#: Keys of the [variants] table that are not variants.
+VARIANTS_DEMO_KEY = "demo"
+
+
+def _variants(raw: Any, base: StudentSettings) -> tuple[dict[str, Variant], tuple[str, ...]]:
+    """The [variants] table: ``demo`` (the variants the main job trains) and one sub-table per variant.
+
+    A variant's keys are ``description`` and any StudentSettings field, checked exactly as the
+    [student] table's are; the field values replace base's and the result is validated whole.
+    """
+    if not isinstance(raw, dict):
+        raise TaskConfigError("[variants] must be a table of variant tables")
+    table = dict(raw)
+    demo = table.pop(VARIANTS_DEMO_KEY, [BASE_VARIANT])
+    variants: dict[str, Variant] = {BASE_VARIANT: Variant(BASE_VARIANT, "the [student] table", {}, base)}
+    seen: dict[tuple[tuple[str, str], ...], str] = {}
+    for name, entry in table.items():
+        where = f"[variants.{name}]"
+        if name == BASE_VARIANT:
+            raise TaskConfigError(f"{where}: the base variant is the [student] table itself; set its fields there")
+        if not VARIANT_NAME.match(name):
+            raise TaskConfigError(
+                f"{where}: a variant name is 1-40 lower-case letters, digits and underscores, starting with a letter"
+            )
+        if not isinstance(entry, dict):
+            raise TaskConfigError(f"{where} must be a table of StudentSettings fields, not {type(entry).__name__}")
+        entry = dict(entry)
+        description = entry.pop("description", "")
+        if not isinstance(description, str):
+            raise TaskConfigError(f"{where}: description must be a string")
+        overrides = _student_fields(entry, where)
+        changed = {key: value for key, value in overrides.items() if getattr(base, key) != value}
+        if not changed:
+            raise TaskConfigError(f"{where} changes nothing from the [student] table: give it a field to change")
+        try:
+            settings = dataclasses.replace(base, **overrides)
+        except (ValueError, TypeError) as exc:
+            raise TaskConfigError(f"{where}: {exc}") from None
+        fingerprint = tuple(sorted((key, repr(getattr(settings, key))) for key in overrides))
+        if fingerprint in seen:
+            raise TaskConfigError(f"{where} trains the same student as [variants.{seen[fingerprint]}]")
+        seen[fingerprint] = name
+        variants[name] = Variant(name, description, changed, settings)
+    if not isinstance(demo, list) or not demo or not all(isinstance(v, str) for v in demo):
+        raise TaskConfigError("[variants] demo must be a non-empty list of variant names")
+    unknown = [v for v in demo if v not in variants]
+    if unknown:
+        raise TaskConfigError(f"[variants] demo names unknown variant(s) {unknown}; known: {list(variants)}")
+    return variants, tuple(dict.fromkeys(demo))
+
+
+def _promotion(raw: Any) -> PromotionConfig:
+    if not isinstance(raw, dict):
+        raise TaskConfigError("[promotion] must be a table")
+    settings = dict(raw)
+    if "decisive" in settings:
+        decisive = settings["decisive"]
+        if not isinstance(decisive, list) or not all(isinstance(name, str) for name in decisive):
+            raise TaskConfigError("promotion.decisive must be a list of test-set names")
+        settings["decisive"] = tuple(decisive)
+    for name, number in (("alpha", "a number"), ("resamples", "an integer"), ("seed", "an integer")):
+        value = settings.get(name, 0)
+        allowed = (int, float) if name == "alpha" else (int,)
+        if isinstance(value, bool) or not isinstance(value, allowed):
+            raise TaskConfigError(f"promotion.{name} must be {number}, not {value!r}")
+    return PromotionConfig(**settings)
 
 
 def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
@@ -246,6 +394,8 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
             )
         if "variations" in synthetic:
             synthetic["variations"] = tuple(str(v) for v in synthetic["variations"])
+        student = _student_settings(raw.get("student", {}))
+        variants, demo_variants = _variants(raw.get("variants", {}), student)
         return Task(
             id=raw["id"],
             description=raw.get("description", ""),
@@ -255,9 +405,12 @@ def load_task(name_or_path: str | os.PathLike[str] | None = None) -> Task:
             splits=SplitConfig(**splits),
             checks=CheckConfig(**raw.get("checks", {})),
             source=folder,
-            student=_student_settings(raw.get("student", {})),
+            student=student,
             synthetic=SyntheticConfig(**synthetic),
             monitoring=MonitoringConfig(**raw.get("monitoring", {})),
+            variants=variants,
+            demo_variants=demo_variants,
+            promotion=_promotion(raw.get("promotion", {})),
         )
     except (KeyError, TypeError) as exc:
         raise TaskConfigError(f"task {name!r}: {exc}") from exc

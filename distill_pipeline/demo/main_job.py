@@ -57,7 +57,7 @@ class PlannedRun:
 
 
 #: The main job's targets: everything upstream of these is materialised, in the graph's order.
-TARGETS = {"data": ("train_sets",), "all": ("ablation_report", "champion")}
+TARGETS = {"data": ("train_sets",), "all": ("ablation_report", "experiments_report", "champion")}
 
 
 def _value(metadata: dict[str, Any], key: str) -> Any:
@@ -74,7 +74,9 @@ def _fmt(metadata: dict[str, Any], key: str) -> str:
 
 #: What one line of progress says about an asset's materialisation, from its metadata.
 DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
-    "raw_logs": lambda m: f"{_fmt(m, 'lines_in')} lines -> {_fmt(m, 'kept')} kept, {_fmt(m, 'quarantined')} quarantined",
+    "raw_logs": lambda m: (
+        f"{_fmt(m, 'lines_in')} lines -> {_fmt(m, 'kept')} kept, {_fmt(m, 'quarantined')} quarantined"
+    ),
     "teacher_labels": lambda m: (
         f"{_fmt(m, 'labelled')} labelled, parse rate {_fmt(m, 'parse_rate')}, {_fmt(m, 'quarantined')} quarantined"
     ),
@@ -95,18 +97,30 @@ DESCRIBE: dict[str, Callable[[dict[str, Any]], str]] = {
         f"{_fmt(m, 'tfidf_logreg_accuracy_balanced')} (in-distribution / balanced)"
     ),
     "ablation_report": lambda m: f"{_fmt(m, 'sizes')} sizes fitted",
+    "experiments_report": lambda m: (
+        f"{_fmt(m, 'runs')} students compared, recommended {_fmt(m, 'recommended_size')}/{_fmt(m, 'recommended_variant')}"
+    ),
     "champion": lambda m: f"{_fmt(m, 'decision')}: champion is {_fmt(m, 'champion_size')}",
 }
 
 
-def plan_runs(definitions: Any, targets: Sequence[str], days: Sequence[str]) -> list[PlannedRun]:
+def plan_runs(
+    definitions: Any, targets: Sequence[str], days: Sequence[str], variants: Sequence[str] | None = None
+) -> list[PlannedRun]:
     """The runs that materialise ``targets`` and everything upstream of them, from the asset graph.
 
     Assets come in the graph's topological order; consecutive assets with the same partitions
     definition share a run per partition (Dagster runs one partition of one definition at a
-    time): day-partitioned assets for each of ``days``, the size-partitioned ones for each size.
+    time): day-partitioned assets for each of ``days``, the size-partitioned ones for each size,
+    the students for each size and each of ``variants`` (by default the task's ``[variants] demo``;
+    the other variants are launched from the UI).
     """
     import dagster as dg
+
+    from distill_pipeline.defs.core.partitions import VARIANT
+    from distill_pipeline.defs.core.resources import location_task
+
+    chosen = set(variants if variants is not None else location_task().demo_variants)
 
     graph = definitions.resolve_asset_graph()
     selected = dg.AssetSelection.assets(*targets).upstream().resolve(graph)
@@ -122,6 +136,12 @@ def plan_runs(definitions: Any, targets: Sequence[str], days: Sequence[str]) -> 
             keys: Sequence[str | None] = [None]
         elif isinstance(partitions, dg.TimeWindowPartitionsDefinition):
             keys = list(days)
+        elif isinstance(partitions, dg.MultiPartitionsDefinition) and VARIANT in partitions.partition_dimension_names:
+            keys = [
+                key
+                for key in partitions.get_partition_keys()
+                if partitions.get_partition_key_from_str(key).keys_by_dimension[VARIANT] in chosen
+            ]
         else:
             keys = partitions.get_partition_keys()
         names = tuple(key.to_user_string() for key in group)

@@ -6,6 +6,11 @@ fewer than four sizes, or when that fit fails, a log-linear curve ``acc(n) = a +
 used instead, and the analysis says so. The curve's rise from the largest size to twice it is the
 expected gain from doubling the data, in accuracy points (percentage points); a gain below a
 threshold means diminishing returns.
+
+Given which test rows each size got right, the gain carries a 95% interval: the test rows are
+resampled (the same rows for every size, since every size is scored on the same frozen sets),
+each size's accuracy recomputed, the curve refitted and the gain measured again. A gain whose
+interval includes zero is inside the noise, and the recommendation says so instead of deciding.
 """
 
 from __future__ import annotations
@@ -24,6 +29,12 @@ from distill_pipeline.data.splitting import TEST_SETS
 # extrapolation means nothing, so it needs one more.
 POWER_LAW_MIN_SIZES = 4
 DEFAULT_THRESHOLD_POINTS = 0.5
+# Each resample refits the curve (a local search for the power law): a few hundred keep the
+# interval's ends stable to about a tenth of a point and the whole analysis within a second or two.
+GAIN_RESAMPLES = 200
+# The power law only rises, so its resampled gains are never below zero: a lower end under a
+# hundredth of a point (far below what any test set resolves) is zero.
+GAIN_RESOLUTION_POINTS = 0.01
 PLOT_COLORS = {"in_distribution": "#4f6bed", "balanced": "#e8793a"}
 # Several starting exponents, because curve_fit is a local search.
 _START_EXPONENTS = (0.2, 0.5, 1.0)
@@ -71,7 +82,9 @@ def _log_linear(rows: np.ndarray, accuracies: np.ndarray, reason: str) -> Learni
     return LearningCurve("log_linear", float(a), float(b), None, reason)
 
 
-def _power_law(rows: np.ndarray, accuracies: np.ndarray) -> LearningCurve:
+def _power_law(
+    rows: np.ndarray, accuracies: np.ndarray, start_exponents: Sequence[float] = _START_EXPONENTS
+) -> LearningCurve:
     from scipy.optimize import curve_fit
 
     # Fitted against n / n_max, where the scale is the gap to the asymptote at the largest size
@@ -86,7 +99,7 @@ def _power_law(rows: np.ndarray, accuracies: np.ndarray) -> LearningCurve:
     gap_at_max = float(np.clip(a0 - accuracies[np.argmax(rows)], 1e-3, 1.0))
     best: tuple[float, np.ndarray] | None = None
     errors = []
-    for c0 in _START_EXPONENTS:
+    for c0 in start_exponents:
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # covariance warnings: only the fit is used
@@ -121,17 +134,37 @@ def fit_learning_curve(train_rows: Sequence[int], accuracies: Sequence[float]) -
 
 
 def recommendation(
-    gains_points: Mapping[str, float], largest_rows: int, threshold_points: float = DEFAULT_THRESHOLD_POINTS
+    gains_points: Mapping[str, float],
+    largest_rows: int,
+    threshold_points: float = DEFAULT_THRESHOLD_POINTS,
+    intervals: Mapping[str, tuple[float, float]] | None = None,
 ) -> tuple[bool, str]:
-    """Whether doubling the data is worth it, and a sentence saying so, from gains in points per test set."""
-    best = max(gains_points, key=lambda name: gains_points[name])
+    """Whether doubling the data is worth it, and a sentence saying so, from gains in points per test set.
+
+    With ``intervals`` (each gain's 95% interval, in points), a gain counts only where its interval
+    excludes zero: when no test set's does, the answer is that the gain is inside the noise.
+    """
     doubling = f"doubling the training set from {largest_rows:,} to {2 * largest_rows:,} rows"
+    if intervals is not None:
+        measured = {name: gain for name, gain in gains_points.items() if intervals[name][0] > GAIN_RESOLUTION_POINTS}
+        if not measured:
+            each = ", ".join(
+                f"{gains_points[name]:+.2f} [{low:+.2f}, {high:+.2f}] on the {TEST_SETS.get(name, name)}"
+                for name, (low, high) in intervals.items()
+            )
+            return False, (
+                f"Inside the noise: {doubling} has an expected gain whose 95% interval includes zero on every "
+                f"test set ({each} points); more test rows or more sizes would tell."
+            )
+        gains_points = measured
+    best = max(gains_points, key=lambda name: gains_points[name])
     if gains_points[best] >= threshold_points:
         others = "".join(
             f" ({gain:+.2f} on the {TEST_SETS.get(name, name)})" for name, gain in gains_points.items() if name != best
         )
+        spread = f" (95% interval {intervals[best][0]:+.2f} to {intervals[best][1]:+.2f})" if intervals else ""
         text = (
-            f"More data is worth it: {doubling} is expected to add {gains_points[best]:+.2f} points "
+            f"More data is worth it: {doubling} is expected to add {gains_points[best]:+.2f} points{spread} "
             f"on the {TEST_SETS.get(best, best)}{others}."
         )
         return True, text
@@ -153,6 +186,10 @@ class AblationAnalysis:
     # None when there are too few sizes to judge.
     worthwhile: bool | None
     recommendation: str
+    # Per test set, the doubling gain's 95% interval in points (given per-row results).
+    gain_intervals: dict[str, tuple[float, float]] | None = None
+    # Per test set and point, the accuracy's 95% interval (given per-row results).
+    accuracy_intervals: dict[str, list[tuple[float, float]]] | None = None
 
     def plot_markdown(self) -> str:
         """Accuracy against training rows (log scale) for both test sets, with the fitted curves."""
@@ -172,22 +209,33 @@ class AblationAnalysis:
 
     def markdown(self) -> str:
         """The recommendation, the measured points, the fitted curves and the plot."""
+
+        def cell(index: int, name: str) -> str:
+            value = f"{self.points[index].accuracy(name):.4f}"
+            if self.accuracy_intervals:
+                low, high = self.accuracy_intervals[name][index]
+                value += f" [{low:.4f}, {high:.4f}]"
+            return value
+
         table = markdown_table(
-            [
-                (f"{p.train_rows:,}", f"{p.accuracy_in_distribution:.4f}", f"{p.accuracy_balanced:.4f}")
-                for p in self.points
-            ],
+            [(f"{p.train_rows:,}", cell(i, "in_distribution"), cell(i, "balanced")) for i, p in enumerate(self.points)],
             ["training rows", "accuracy (in-distribution)", "accuracy (balanced)"],
         )
         fits = "\n".join(
             f"- {TEST_SETS[name]}: `{curve.formula}` ({curve.reason}); doubling gain "
             f"{self.doubling_gain_points[name]:+.2f} points"
+            + (
+                f" (95% interval {self.gain_intervals[name][0]:+.2f} to {self.gain_intervals[name][1]:+.2f})"
+                if self.gain_intervals
+                else ""
+            )
             for name, curve in self.curves.items()
         )
         return "\n\n".join(part for part in (f"**{self.recommendation}**", table, fits, self.plot_markdown()) if part)
 
 
 def _points(raw: Iterable[AblationPoint | Sequence[float]]) -> tuple[AblationPoint, ...]:
+    """The points, checked, in the order given."""
     points = []
     for item in raw:
         point = item if isinstance(item, AblationPoint) else AblationPoint(int(item[0]), float(item[1]), float(item[2]))
@@ -197,20 +245,88 @@ def _points(raw: Iterable[AblationPoint | Sequence[float]]) -> tuple[AblationPoi
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
                 raise ValueError(f"accuracy must be a fraction in [0, 1], got {value} at {point.train_rows} rows")
         points.append(point)
-    return tuple(sorted(points, key=lambda p: p.train_rows))
+    return tuple(points)
+
+
+def _resampled_accuracies(correct: np.ndarray, resamples: int, seed: int) -> np.ndarray:
+    """Each size's accuracy under ``resamples`` bootstrap draws of the test rows, shape (resamples, sizes).
+
+    The rows are drawn once for all sizes (they share the test set). A row's outcome across the
+    sizes is a pattern of right and wrong; the accuracies depend only on how many rows show each
+    pattern, so the pattern counts are drawn from a multinomial instead of row indices.
+    """
+    patterns, inverse = np.unique(correct.T, axis=0, return_inverse=True)
+    counts = np.bincount(inverse.ravel(), minlength=len(patterns))
+    rows = correct.shape[1]
+    draws = np.random.default_rng(seed).multinomial(rows, counts / rows, size=resamples)
+    return draws @ patterns.astype(float) / rows
+
+
+def gain_interval(
+    train_rows: Sequence[int],
+    correct: np.ndarray,
+    *,
+    resamples: int = GAIN_RESAMPLES,
+    seed: int = 0,
+    confidence: float = 0.95,
+) -> tuple[float, float]:
+    """The 95% interval of the doubling gain (in points), refitting the curve on resampled test rows.
+
+    ``correct`` is (sizes, rows): whether each size's student got each test row right.
+    """
+    correct = np.asarray(correct, dtype=bool)
+    if correct.ndim != 2 or correct.shape[0] != len(train_rows) or correct.shape[1] == 0:
+        raise ValueError(f"correct must be (sizes={len(train_rows)}, rows > 0), not {correct.shape}")
+    largest = max(train_rows)
+    rows = np.asarray(train_rows, dtype=float)
+    fitted = fit_learning_curve(train_rows, correct.mean(axis=1))
+    gains = []
+    for accuracies in _resampled_accuracies(correct, resamples, seed):
+        try:
+            if fitted.kind == "power_law":
+                # One local search per resample, started from the measured curve's exponent: a
+                # resample's curve lies near it, and three starts each would triple the cost.
+                curve = _power_law(rows, accuracies, (fitted.c or _START_EXPONENTS[1],))
+            else:
+                curve = fit_learning_curve(train_rows, accuracies)
+            gains.append(100 * curve.doubling_gain(largest))
+        except (RuntimeError, ValueError):
+            continue
+    if not gains:
+        raise RuntimeError("no resample could be fitted")
+    tail = (1 - confidence) / 2
+    low, high = np.quantile(gains, [tail, 1 - tail])
+    return float(low), float(high)
 
 
 def analyse_ablation(
-    points: Iterable[AblationPoint | Sequence[float]], *, threshold_points: float = DEFAULT_THRESHOLD_POINTS
+    points: Iterable[AblationPoint | Sequence[float]],
+    *,
+    threshold_points: float = DEFAULT_THRESHOLD_POINTS,
+    correct: Mapping[str, np.ndarray] | None = None,
+    resamples: int = GAIN_RESAMPLES,
+    seed: int = 0,
 ) -> AblationAnalysis:
     """Fit both test sets' learning curves and recommend for or against more data.
 
     ``points`` are ``(train_rows, accuracy_in_distribution, accuracy_balanced)``, accuracies as
     fractions. Gains and the threshold are in accuracy points (0.5 means half a percentage point).
+    ``correct`` (per test set, a boolean array of shape (points, rows) in the order of ``points``)
+    gives the gains and accuracies their 95% intervals, and the recommendation its noise check.
     """
-    ordered = _points(points)
-    if not ordered:
+    given = _points(points)
+    if not given:
         raise ValueError("no ablation points")
+    order = sorted(range(len(given)), key=lambda i: given[i].train_rows)
+    ordered = tuple(given[i] for i in order)
+    rows_correct = None
+    if correct is not None:
+        rows_correct = {name: np.asarray(correct[name], dtype=bool)[order] for name in TEST_SETS}
+        for name, matrix in rows_correct.items():
+            measured = matrix.mean(axis=1)
+            stated = [p.accuracy(name) for p in ordered]
+            if not np.allclose(measured, stated, atol=1e-9):
+                raise ValueError(f"the per-row results on {name} do not give the stated accuracies")
     largest = max(p.train_rows for p in ordered)
     if len({p.train_rows for p in ordered}) < 2:
         text = f"Cannot judge: only one training-set size ({largest:,} rows) was measured; a learning curve needs two."
@@ -218,6 +334,26 @@ def analyse_ablation(
     rows = [p.train_rows for p in ordered]
     curves = {name: fit_learning_curve(rows, [p.accuracy(name) for p in ordered]) for name in TEST_SETS}
     gains = {name: 100 * curve.doubling_gain(largest) for name, curve in curves.items()}
-    worthwhile, text = recommendation(gains, largest, threshold_points)
+    gain_intervals = accuracy_intervals = None
+    if rows_correct is not None:
+        gain_intervals = {
+            name: gain_interval(rows, matrix, resamples=resamples, seed=seed) for name, matrix in rows_correct.items()
+        }
+        accuracy_intervals = {}
+        for name, matrix in rows_correct.items():
+            resampled = _resampled_accuracies(matrix, 4000, seed)
+            low, high = np.quantile(resampled, [0.025, 0.975], axis=0)
+            accuracy_intervals[name] = [(float(lo), float(hi)) for lo, hi in zip(low, high, strict=True)]
+    worthwhile, text = recommendation(gains, largest, threshold_points, gain_intervals)
     fits = "; ".join(f"{TEST_SETS[name]}: {curve.reason}" for name, curve in curves.items())
-    return AblationAnalysis(ordered, curves, largest, gains, threshold_points, worthwhile, f"{text} Fits: {fits}.")
+    return AblationAnalysis(
+        ordered,
+        curves,
+        largest,
+        gains,
+        threshold_points,
+        worthwhile,
+        f"{text} Fits: {fits}.",
+        gain_intervals,
+        accuracy_intervals,
+    )

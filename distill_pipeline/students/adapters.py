@@ -12,8 +12,11 @@ from distill_pipeline.core.layout import MANIFEST, adapter_pointer
 from distill_pipeline.core.published import Champion
 from distill_pipeline.core.store import ObjectStore, file_sha256
 from distill_pipeline.core.tables import publish_table, read_manifest
+from distill_pipeline.core.task import BASE_VARIANT
 
 ADAPTER_DIR = "adapter"
+#: Every adapter folder the trainer writes holds this, a LoRA adapter's and a full fine-tune's alike.
+STUDENT_FILE = "student.json"
 #: The trainer's records published beside the adapter (see trainer/train.py).
 RUN_FILES = ("spec.json", "result.json", "metrics.jsonl", "data_hashes.json")
 
@@ -21,16 +24,16 @@ RUN_FILES = ("spec.json", "result.json", "metrics.jsonl", "data_hashes.json")
 def publish_adapter(store: ObjectStore, prefix: str, run_dir: Path, manifest: Mapping[str, Any]) -> dict[str, Any]:
     """Upload a finished run (``adapter/`` and the run records) under ``prefix``, manifest last."""
     adapter = run_dir / ADAPTER_DIR
-    if not (adapter / "adapter_config.json").is_file():
-        raise FileNotFoundError(f"{adapter} holds no adapter_config.json: the training run did not finish")
+    if not (adapter / STUDENT_FILE).is_file():
+        raise FileNotFoundError(f"{adapter} holds no {STUDENT_FILE}: the training run did not finish")
     files = {f"{ADAPTER_DIR}/{p.relative_to(adapter).as_posix()}": p for p in sorted(adapter.rglob("*")) if p.is_file()}
     files |= {name: run_dir / name for name in RUN_FILES if (run_dir / name).is_file()}
     return publish_table(store, prefix, files, dict(manifest))
 
 
-def point_at_adapter(store: ObjectStore, size_key: str, prefix: str, train: str) -> None:
-    """Make ``prefix`` the size partition's current adapter (after its manifest is written)."""
-    store.put_bytes(adapter_pointer(size_key), json.dumps({"prefix": prefix, "train_id": train}).encode())
+def point_at_adapter(store: ObjectStore, size_key: str, prefix: str, train: str, variant: str = BASE_VARIANT) -> None:
+    """Make ``prefix`` the size and variant's current adapter (after its manifest is written)."""
+    store.put_bytes(adapter_pointer(size_key, variant), json.dumps({"prefix": prefix, "train_id": train}).encode())
 
 
 def fetch_published(store: ObjectStore, prefix: str, directory: Path, *, under: str = "") -> Path:
@@ -64,11 +67,11 @@ def resolve_adapter(reference: str, store: ObjectStore | None, directory: Path) 
     """
     local = Path(reference).expanduser()
     for candidate in (local, local / ADAPTER_DIR):
-        if (candidate / "adapter_config.json").is_file():
+        if (candidate / STUDENT_FILE).is_file():
             return candidate
     if local.exists():
         raise UsageError(
-            f"{reference} is not an adapter folder: it holds no adapter_config.json (nor {ADAPTER_DIR}/adapter_config.json)"
+            f"{reference} is not an adapter folder: it holds no {STUDENT_FILE} (nor {ADAPTER_DIR}/{STUDENT_FILE})"
         )
     written_as_path = local.is_absolute() or any(part in ("", ".", "..") for part in reference.rstrip("/").split("/"))
     if store is None or written_as_path:

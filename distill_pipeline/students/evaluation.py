@@ -351,8 +351,21 @@ def comparison_table(results: Mapping[str, Mapping[str, Any]], *, columns: Seque
     Columns that no model reports are left out; a model lacking one shows a dash.
     """
     shown = [c for c in columns if any(metrics.get(c) is not None for metrics in results.values())]
-    rows = [[model, *(_format_cell(metrics.get(c)) for c in shown)] for model, metrics in results.items()]
+    rows = [[model, *(_score_cell(metrics, c) for c in shown)] for model, metrics in results.items()]
     return markdown_table(rows, ["model", *shown])
+
+
+#: A metric's 95% interval sits beside it under this suffix, as ``[low, high]``.
+INTERVAL_SUFFIX = "_ci"
+
+
+def _score_cell(metrics: Mapping[str, Any], column: str) -> str:
+    """A score, followed by its 95% interval where the results carry one: ``0.912 [0.887, 0.934]``."""
+    cell = _format_cell(metrics.get(column))
+    interval = metrics.get(column + INTERVAL_SUFFIX)
+    if interval is not None and metrics.get(column) is not None:
+        cell += f" [{interval[0]:.3f}, {interval[1]:.3f}]"
+    return cell
 
 
 def comparison_report(

@@ -7,11 +7,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from distill_pipeline.core.reporting import markdown_table
 from distill_pipeline.core.task import Task
 from distill_pipeline.students.ablation import TEST_SETS
 from distill_pipeline.students.evaluation import (
     COMPARISON_COLUMNS,
+    INTERVAL_SUFFIX,
     Predictions,
     Predictor,
     agreement,
@@ -24,12 +27,20 @@ from distill_pipeline.students.evaluation import (
 )
 from distill_pipeline.students.predict import Log
 from distill_pipeline.students.specs import LABEL_COLUMN, TEXT_COLUMN
+from distill_pipeline.students.statistics import bootstrap_interval
 
 #: A test-set column with independent (human) labels; when present the teacher is scored too.
 GOLD_COLUMN = "gold_label"
 STUDENT, TEACHER, MAJORITY, TFIDF = "student", "teacher", "majority", "tfidf_logreg"
 PREDICT_BATCH_SIZE = 32
 MISTAKES_PER_KIND = 10
+#: The scores reported with a 95% bootstrap interval over the test rows.
+INTERVAL_METRICS = ("accuracy", "f1")
+#: Columns of the per-row predictions table an evaluation publishes beside its report.
+ROW_COLUMNS = ("test_set", "row", LABEL_COLUMN, GOLD_COLUMN)
+#: The models whose predictions are kept per row (the teacher's are the test labels themselves).
+ROW_MODELS = (STUDENT, TFIDF, MAJORITY)
+NO_GOLD = -1
 # Timing rows: enough for stable percentiles, few enough to keep a CPU evaluation short.
 SPEED_ROWS = 256
 SINGLE_REQUEST_ROWS = 32
@@ -80,17 +91,35 @@ def _rows_of(predicted: Predictions, rows: list[int]) -> Predictions:
     return Predictions([predicted.labels[row] for row in rows], predicted.probabilities[rows], predicted.label_values)
 
 
-# The comparison table's columns; the confusion matrix and notes stay in the JSON report.
-_SCORE_KEYS = (*COMPARISON_COLUMNS, "rows")
+# The comparison table's columns and their intervals; the confusion matrix and notes stay in the JSON report.
+_SCORE_KEYS = (*COMPARISON_COLUMNS, *(m + INTERVAL_SUFFIX for m in INTERVAL_METRICS), "rows")
 
 
 def _scores(metrics: Mapping[str, Any]) -> dict[str, Any]:
     return {key: metrics[key] for key in _SCORE_KEYS if key in metrics}
 
 
+def with_intervals(
+    task: Task, reference: Sequence[int], predicted: Sequence[int], metrics: dict[str, Any]
+) -> dict[str, Any]:
+    """``metrics`` with the 95% bootstrap interval over the rows of each of INTERVAL_METRICS."""
+    for metric in INTERVAL_METRICS:
+        interval = bootstrap_interval(
+            reference,
+            predicted,
+            task.label.values,
+            metric,
+            task.label.positive,
+            resamples=task.promotion.resamples,
+            seed=task.promotion.seed,
+        )
+        metrics[metric + INTERVAL_SUFFIX] = [interval.low, interval.high]
+    return metrics
+
+
 def _evaluate(task: Task, reference: Sequence[int], predicted: Predictions) -> dict[str, Any]:
     positive = task.label.positive
-    return evaluate_predictions(
+    metrics = evaluate_predictions(
         reference,
         predicted.labels,
         predicted.scores(positive),
@@ -98,31 +127,13 @@ def _evaluate(task: Task, reference: Sequence[int], predicted: Predictions) -> d
         positive,
         label_names=list(task.label.names),
     )
+    return with_intervals(task, reference, predicted.labels, metrics)
 
 
 def _against_teacher(task: Task, test_set: LabelledTexts, predicted: Predictions) -> dict[str, Any]:
     """Scores against the test labels (the teacher's), with chance-corrected agreement."""
     metrics = _evaluate(task, test_set.labels, predicted)
     return metrics | {k: v for k, v in agreement(predicted.labels, test_set.labels).items() if k != "rows"}
-
-
-def score_student(
-    task: Task, student: Predictor, test_sets: Sequence[LabelledTexts], *, against: str = "vs_teacher"
-) -> dict[str, dict[str, Any]]:
-    """One predictor's scores per test set, against the teacher's labels or (``vs_gold``) gold."""
-    scores = {}
-    for test_set in test_sets:
-        rows, gold = _gold_subset(test_set)
-        if against == "vs_gold" and not rows:
-            continue
-        predicted = student(test_set.texts)
-        metrics = (
-            _against_teacher(task, test_set, predicted)
-            if against == "vs_teacher"
-            else _evaluate(task, gold, _rows_of(predicted, rows))
-        )
-        scores[test_set.name] = _scores(metrics)
-    return scores
 
 
 def evaluate_on_test_sets(
@@ -156,14 +167,15 @@ def evaluate_on_test_sets(
         rows, gold = _gold_subset(test_set)
         if rows:
             # The teacher gives labels only: no scores, so no ROC AUC for it.
+            teacher_on_gold = [test_set.labels[row] for row in rows]
             vs_gold = {
-                TEACHER: evaluate_predictions(
+                TEACHER: with_intervals(
+                    task,
                     gold,
-                    [test_set.labels[row] for row in rows],
-                    None,
-                    task.label.values,
-                    positive,
-                    label_names=list(task.label.names),
+                    teacher_on_gold,
+                    evaluate_predictions(
+                        gold, teacher_on_gold, None, task.label.values, positive, label_names=list(task.label.names)
+                    ),
                 ),
                 **{name: _evaluate(task, gold, _rows_of(predicted, rows)) for name, predicted in predictions.items()},
             }
@@ -180,6 +192,11 @@ def evaluate_on_test_sets(
                 name: {k: m[k] for k in ("confusion_matrix", "confusion_matrix_markdown", "roc_auc_note") if k in m}
                 for name, m in vs_teacher.items()
             },
+        }
+        entry["row_predictions"] = {
+            LABEL_COLUMN: list(test_set.labels),
+            GOLD_COLUMN: [NO_GOLD if g is None else g for g in (test_set.gold or [None] * len(test_set.labels))],
+            **{name: list(predictions[name].labels) for name in ROW_MODELS},
         }
         if positive is not None:
             student_predictions = predictions[STUDENT]
@@ -275,6 +292,11 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
                     value = scores.get(metric)
                     if isinstance(value, int | float) and not isinstance(value, bool):
                         flat[f"{model}_{metric}_{test_set}{suffix}"] = float(value)
+                    for metric in INTERVAL_METRICS:
+                        interval = scores.get(metric + INTERVAL_SUFFIX)
+                        if interval is not None:
+                            flat[f"{model}_{metric}_{test_set}{suffix}_low"] = float(interval[0])
+                            flat[f"{model}_{metric}_{test_set}{suffix}_high"] = float(interval[1])
     for kind, value in report["speed"].items():
         flat[f"student_rows_per_s_{kind}"] = float(value["rows_per_s"])
         flat[f"student_latency_p50_ms_{kind}"] = float(value["latency_p50_ms"])
@@ -291,3 +313,69 @@ def scores_by_test_set(
         for name, entry in report["test_sets"].items()
         if entry.get(against) and model in entry[against]
     }
+
+
+# --- per-row predictions, for paired comparisons of models on the same rows --------------------
+
+
+@dataclass(frozen=True)
+class RowPredictions:
+    """One test set's rows: the test (teacher) labels, gold labels (NO_GOLD where none), each model's prediction."""
+
+    test_set: str
+    labels: np.ndarray
+    gold: np.ndarray
+    models: dict[str, np.ndarray]
+
+    def reference(self, against: str = "vs_teacher") -> tuple[np.ndarray, np.ndarray]:
+        """The rows scored against ``against`` (``vs_teacher``: all; ``vs_gold``: those with gold) and their labels."""
+        if against == "vs_teacher":
+            return np.arange(len(self.labels)), self.labels
+        rows = np.flatnonzero(self.gold != NO_GOLD)
+        return rows, self.gold[rows]
+
+
+def split_row_predictions(report: Mapping[str, Any]) -> tuple[dict[str, Any], Any]:
+    """The report without its per-row predictions, and those predictions as one Arrow table.
+
+    Rows keep their test-set order, so two reports measured on the same test-set version pair row by row.
+    """
+    import pyarrow as pa
+
+    columns: dict[str, list[Any]] = {name: [] for name in (*ROW_COLUMNS, *ROW_MODELS)}
+    test_sets = {}
+    for name, entry in report["test_sets"].items():
+        entry = dict(entry)
+        rows = entry.pop("row_predictions")
+        columns["test_set"] += [name] * len(rows[LABEL_COLUMN])
+        columns["row"] += list(range(len(rows[LABEL_COLUMN])))
+        for column in (LABEL_COLUMN, GOLD_COLUMN, *ROW_MODELS):
+            columns[column] += [int(v) for v in rows[column]]
+        test_sets[name] = entry
+    table = pa.table(
+        {name: pa.array(values, pa.string() if name == "test_set" else pa.int64()) for name, values in columns.items()}
+    )
+    return {**report, "test_sets": test_sets}, table
+
+
+def read_row_predictions(path: Path) -> dict[str, RowPredictions]:
+    """A published predictions table, per test set, rows in test-set order."""
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(path).to_pydict()
+    missing = [c for c in (*ROW_COLUMNS, STUDENT) if c not in table]
+    if missing:
+        raise ValueError(f"{path} is not a predictions table: it lacks {missing}")
+    by_set: dict[str, RowPredictions] = {}
+    names = np.asarray(table["test_set"], dtype=object)
+    order = np.asarray(table["row"], dtype=np.int64)
+    for name in dict.fromkeys(table["test_set"]):
+        picked = np.flatnonzero(names == name)
+        picked = picked[np.argsort(order[picked], kind="stable")]
+
+        def column(key: str, picked: np.ndarray = picked) -> np.ndarray:
+            return np.asarray(table[key], dtype=np.int64)[picked]
+
+        models = {model: column(model) for model in ROW_MODELS if model in table}
+        by_set[name] = RowPredictions(name, column(LABEL_COLUMN), column(GOLD_COLUMN), models)
+    return by_set

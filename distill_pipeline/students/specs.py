@@ -7,7 +7,7 @@ import hashlib
 import json
 from pathlib import Path
 
-from distill_pipeline.core.task import Task
+from distill_pipeline.core.task import BASE_VARIANT, Task
 from distill_pipeline.trainer.spec import TrainSpec
 
 #: The trainer's command-line entry point, run as ``python -m TRAINER_MODULE --spec FILE``.
@@ -16,10 +16,13 @@ TEXT_COLUMN = "input"
 LABEL_COLUMN = "label"
 
 
-def build_train_spec(task: Task, train_path: str | Path, output_dir: str | Path) -> TrainSpec:
-    """The TrainSpec for the task's student on one training-set file: its settings plus the run's own fields."""
+def build_train_spec(
+    task: Task, train_path: str | Path, output_dir: str | Path, variant: str = BASE_VARIANT
+) -> TrainSpec:
+    """The TrainSpec for one of the task's student variants on one training-set file: its settings
+    plus the run's own fields."""
     return TrainSpec(
-        **dataclasses.asdict(task.student),
+        **dataclasses.asdict(task.variant(variant).settings),
         train_path=str(train_path),
         output_dir=str(output_dir),
         text_column=TEXT_COLUMN,
