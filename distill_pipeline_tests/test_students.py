@@ -688,3 +688,42 @@ def test_gold_labels_score_every_model_and_the_teacher_on_the_rows_they_cover() 
     assert entry["vs_teacher"]["student"]["accuracy"] == pytest.approx(5 / 6)
     assert "in_distribution (4 of 6 rows)" in reference_note(report)
     assert with_gold(test, {}).gold is None
+
+
+def test_every_test_set_is_also_scored_at_the_deployments_share_of_positives() -> None:
+    import numpy as np
+
+    from distill_pipeline.students.evaluation import Predictions
+    from distill_pipeline.students.reports import LabelledTexts, evaluate_on_test_sets, flat_metrics, report_markdown
+    from distill_pipeline.students.traffic import DeploymentPrior
+
+    task = load_task("toxicity")
+    # Balanced test rows; the student finds every negative and half the positives.
+    texts = [f"row {i}" for i in range(40)]
+    labels = [1] * 20 + [0] * 20
+    at_training_prior = [1] * 10 + [0] * 10 + [0] * 20
+
+    def predictor(predicted):
+        def predict(batch):
+            chosen = [predicted[texts.index(t)] if t in texts else 0 for t in batch]
+            return Predictions(chosen, np.array([[1.0 - y, float(y)] for y in chosen]), (0, 1))
+
+        return predict
+
+    # At a share of 10% positives the student decides differently: here, it finds two more positives.
+    at_deployment = [1] * 12 + [0] * 8 + [0] * 20
+    prior = DeploymentPrior(0.1, "a configured share")
+    train = LabelledTexts("train", texts, labels)
+    test = LabelledTexts("balanced", texts, labels)
+    report = evaluate_on_test_sets(
+        task, predictor(at_training_prior), train, [test], log=lambda _m: None, at_prior=(prior, predictor(at_deployment))
+    )
+    traffic = report["test_sets"]["balanced"]["at_deployment_prior"]
+    # 0.1 x recall 12/20 + 0.9 x specificity 20/20: the deployment's decisions, at its share.
+    assert traffic["vs_teacher"]["student"]["estimate"] == pytest.approx(0.1 * 0.6 + 0.9 * 1.0)
+    assert traffic["vs_teacher"]["student"]["low"] < 0.96 < traffic["vs_teacher"]["student"]["high"]
+    assert traffic["prior"] == 0.1 and traffic["vs_gold"] is None
+    # The plain scores are untouched: the student at its training prior, on the balanced rows.
+    assert report["test_sets"]["balanced"]["vs_teacher"]["student"]["accuracy"] == pytest.approx(0.75)
+    assert flat_metrics(report)["student_accuracy_at_prior_balanced"] == pytest.approx(0.96)
+    assert "At the deployment's share of positives" in report_markdown(report)

@@ -13,7 +13,7 @@ def test_the_configured_prior_wins_else_recent_teacher_labels():
     recent = [1] * 30 + [0] * 270
     prior = deployment_prior(None, recent, positive=1)
     assert (prior.share, prior.rows) == (pytest.approx(0.1), 300)
-    assert "recent teacher labels" in prior.describe()
+    assert "logged traffic" in prior.describe()
     assert deployment_prior(None, recent[:99], positive=1) is None  # too few to say anything
     assert deployment_prior(None, [0] * 200, positive=1) is None  # a constant is no prior
     assert deployment_prior(None, None, positive=1) is None

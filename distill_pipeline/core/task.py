@@ -125,6 +125,10 @@ class MonitoringConfig:
     min_live_pairs: int = 30
     # The feedback stream is read this many days past the calls' day, for verdicts that come late.
     feedback_lag_days: int = 7
+    # The share of positives traffic has, where it is known (e.g. 0.09); None: the share in the
+    # logged traffic the frozen test sets were drawn from. Evaluation also scores every model at
+    # this share (students/traffic.py); the drift report shows the share traffic has day by day.
+    deployment_prior: float | None = None
 
     def __post_init__(self) -> None:
         if min(self.sample_rows, self.embedding_rows, self.permutations, self.shadow_rows, self.min_rows) < 1:
@@ -136,6 +140,14 @@ class MonitoringConfig:
             )
         if self.sensor_interval_s < 1 or self.fresh_log_days < 1:
             raise TaskConfigError("monitoring.sensor_interval_s and monitoring.fresh_log_days must be positive")
+        if self.deployment_prior is not None and (
+            isinstance(self.deployment_prior, bool)
+            or not isinstance(self.deployment_prior, int | float)
+            or not 0.0 < self.deployment_prior < 1.0
+        ):
+            raise TaskConfigError(
+                f"monitoring.deployment_prior is a share strictly between 0 and 1, not {self.deployment_prior!r}"
+            )
 
 
 @dataclass(frozen=True)

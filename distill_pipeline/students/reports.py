@@ -28,6 +28,7 @@ from distill_pipeline.students.evaluation import (
 from distill_pipeline.students.predict import Log
 from distill_pipeline.students.specs import LABEL_COLUMN, TEXT_COLUMN
 from distill_pipeline.students.statistics import bootstrap_interval
+from distill_pipeline.students.traffic import DeploymentPrior, accuracy_at_prior
 
 #: A test-set column with independent (human) labels; when present the teacher is scored too.
 GOLD_COLUMN = "gold_label"
@@ -144,6 +145,7 @@ def evaluate_on_test_sets(
     *,
     speed_batch_size: int = PREDICT_BATCH_SIZE,
     log: Log = print,
+    at_prior: tuple[DeploymentPrior, Predictor] | None = None,
 ) -> dict[str, Any]:
     """Student, teacher, majority and TF-IDF + logistic regression side by side on each test set.
 
@@ -151,6 +153,9 @@ def evaluate_on_test_sets(
     reference, 1 by definition) and its agreement with the teacher is reported; where a test set
     also has gold labels, every model including the teacher is scored against gold too. The
     baselines are trained on the same training set as the student.
+
+    ``at_prior`` (a deployment's share of positives, and the student deciding at that share) adds
+    each test set reweighted to that share: the accuracy traffic at that rate would see.
     """
     positive = task.label.positive
     log(f"training the baselines on {len(train.texts):,} rows")
@@ -213,6 +218,10 @@ def evaluate_on_test_sets(
                 "false_negatives": mistakes.false_negatives,
             }
             entry["mistakes_markdown"] = mistakes.markdown()
+        if at_prior is not None:
+            traffic = _at_prior(task, test_set, *at_prior, rows, gold)
+            if traffic is not None:
+                entry["at_deployment_prior"] = traffic
         report["test_sets"][test_set.name] = entry
     if any(t.gold_rows() for t in test_sets):
         report["reference"] = "teacher and gold"
@@ -222,6 +231,64 @@ def evaluate_on_test_sets(
         "single_request": latency_throughput(student, speed_texts[:SINGLE_REQUEST_ROWS], 1),
     }
     return report
+
+
+def _at_prior(
+    task: Task,
+    test_set: LabelledTexts,
+    prior: DeploymentPrior,
+    student: Predictor,
+    gold_rows: Sequence[int],
+    gold: Sequence[int],
+) -> dict[str, Any] | None:
+    """The student (deciding at ``prior``) and, on gold, the teacher, scored on the test set
+    reweighted to ``prior``; None where the set lacks a class or the task has no positive label."""
+    positive = task.label.positive
+    if positive is None or len(task.label.values) != 2 or len(set(test_set.labels)) < 2:
+        return None
+    predicted = list(student(test_set.texts).labels)
+    resampling = {"resamples": task.promotion.resamples, "seed": task.promotion.seed}
+    entry: dict[str, Any] = {
+        "prior": prior.share,
+        "source": prior.describe(),
+        "vs_teacher": {
+            STUDENT: accuracy_at_prior(test_set.labels, predicted, positive, prior.share, **resampling).to_dict()
+        },
+        "vs_gold": None,
+    }
+    if gold_rows and len(set(gold)) == 2:
+        teacher = [test_set.labels[row] for row in gold_rows]
+        entry["vs_gold"] = {
+            TEACHER: accuracy_at_prior(gold, teacher, positive, prior.share, **resampling).to_dict(),
+            STUDENT: accuracy_at_prior(
+                gold, [predicted[row] for row in gold_rows], positive, prior.share, **resampling
+            ).to_dict(),
+        }
+    return entry
+
+
+def at_prior_markdown(report: Mapping[str, Any]) -> str | None:
+    """Accuracy at the deployment's share of positives, per test set and reference; None without it."""
+    lines, source = [], None
+    for name, entry in report["test_sets"].items():
+        traffic = entry.get("at_deployment_prior")
+        if traffic is None:
+            continue
+        source = traffic["source"]
+        for reference in ("vs_teacher", "vs_gold"):
+            for model, interval in (traffic[reference] or {}).items():
+                lines.append(
+                    (
+                        TEST_SETS.get(name, name),
+                        "teacher" if reference == "vs_teacher" else "gold",
+                        model,
+                        f"{interval['estimate']:.4f} [{interval['low']:.3f}, {interval['high']:.3f}]",
+                    )
+                )
+    if not lines:
+        return None
+    table = markdown_table(lines, ["test set", "labels", "model", "accuracy at the deployment prior [95% CI]"])
+    return f"Every test set reweighted to {source}; the student decides at that share too.\n\n{table}"
 
 
 def reference_note(report: Mapping[str, Any]) -> str:
@@ -261,6 +328,9 @@ def report_markdown(report: Mapping[str, Any]) -> str:
         ]
         if "mistakes_markdown" in entry:
             parts += [f"### {TEST_SETS.get(name, name)}: student mistakes", entry["mistakes_markdown"]]
+    traffic = at_prior_markdown(report)
+    if traffic is not None:
+        parts += ["### At the deployment's share of positives", traffic]
     parts += ["### Student speed", speed_markdown(report["speed"])]
     return "\n\n".join(parts)
 
@@ -284,6 +354,11 @@ def flat_metrics(report: Mapping[str, Any]) -> dict[str, float]:
     """Every model's scores as ``<model>_<metric>_<test set>`` floats, for the UI to chart."""
     flat: dict[str, float] = {}
     for test_set, entry in report["test_sets"].items():
+        traffic = entry.get("at_deployment_prior")
+        for reference, suffix in (("vs_teacher", ""), ("vs_gold", "_vs_gold")):
+            for model, interval in ((traffic or {}).get(reference) or {}).items():
+                for key, name in (("estimate", ""), ("low", "_low"), ("high", "_high")):
+                    flat[f"{model}_accuracy_at_prior_{test_set}{suffix}{name}"] = float(interval[key])
         for reference, suffix in (("vs_teacher", ""), ("vs_gold", "_vs_gold")):
             for model, scores in (entry[reference] or {}).items():
                 if model == TEACHER and reference == "vs_teacher":

@@ -8,8 +8,10 @@ share ``p`` of positives is ``p * recall(positive) + (1 - p) * recall(negative)`
 reweighted so that its positives weigh ``p``. The model being scored decides at that prior too
 (``predict --prior p``): both halves of "how would this model do on traffic" move together.
 
-The deployment's prior is configured (``[monitoring] deployment_prior``), else the teachers'
-label rate on the most recent logged days: the one direct measurement of traffic the pipeline has.
+The deployment's prior is configured (``[monitoring] deployment_prior``), else the teacher's
+label rate in the logged traffic the in-distribution test set was drawn from (its own labels):
+the traffic the pipeline last froze. The drift report follows the share day by day; when it moves,
+setting ``deployment_prior`` scores every later evaluation at the new share.
 """
 
 from __future__ import annotations
@@ -21,8 +23,8 @@ import numpy as np
 
 from distill_pipeline.students.statistics import CONFIDENCE, RESAMPLES, SEED, Interval
 
-#: Where a deployment prior came from: the task file, or the teachers' labels on recent logs.
-PRIOR_SOURCES = ("configured", "recent teacher labels")
+#: Where a deployment prior came from: the task file, or the teacher's labels on logged traffic.
+PRIOR_SOURCES = ("the task's [monitoring] deployment_prior", "the teacher's labels of the logged traffic")
 
 
 @dataclass(frozen=True)
@@ -39,17 +41,17 @@ class DeploymentPrior:
 
 
 def deployment_prior(
-    configured: float | None, recent_labels: Sequence[int] | None, positive: int, *, min_rows: int = 100
+    configured: float | None, logged_labels: Sequence[int] | None, positive: int, *, min_rows: int = 100
 ) -> DeploymentPrior | None:
-    """The configured prior, else the recent teacher labels' share of ``positive`` (None with
-    fewer than ``min_rows`` of them: too few to say more than the test set already does)."""
+    """The configured prior, else the share of ``positive`` among the teacher's labels of logged
+    traffic (None with fewer than ``min_rows`` of them, or all of one label)."""
     if configured is not None:
         if not 0.0 < configured < 1.0:
             raise ValueError(f"a deployment prior is a share strictly between 0 and 1, not {configured}")
         return DeploymentPrior(float(configured), PRIOR_SOURCES[0])
-    if recent_labels is None or len(recent_labels) < min_rows:
+    if logged_labels is None or len(logged_labels) < min_rows:
         return None
-    labels = np.asarray(recent_labels)
+    labels = np.asarray(logged_labels)
     share = float(np.mean(labels == positive))
     if share in (0.0, 1.0):
         return None

@@ -69,6 +69,7 @@ from distill_pipeline.students.reports import (
     with_gold,
 )
 from distill_pipeline.students.specs import build_train_spec, train_id
+from distill_pipeline.students.traffic import deployment_prior
 
 FINITE_LOSS_CHECK = "finite_validation_loss"
 BEATS_MAJORITY_CHECK = "beats_majority_on_validation"
@@ -318,9 +319,19 @@ def eval_report(
         parameters = stored_parameters(adapter_dir)
         train = read_labelled(upstream(context, object_store, TrainSets).train(size, scratch), "train")
         tests = frozen_test_sets(object_store, frozen, pointer, scratch)
+        in_distribution = next(t for t in tests if t.name == "in_distribution")
+        positive = loaded.label.positive
+        prior = (
+            None
+            if positive is None
+            else deployment_prior(loaded.monitoring.deployment_prior, in_distribution.labels, positive)
+        )
         with trainer.inference_device(context.log.info) as device:
             student = load_adapter_student(adapter_dir, device=device, log=context.log.info)
-            report = evaluate_on_test_sets(loaded, student_predictor(student), train, tests, log=context.log.info)
+            at_prior = None if prior is None else (prior, student_predictor(student, prior=prior.share))
+            report = evaluate_on_test_sets(
+                loaded, student_predictor(student), train, tests, log=context.log.info, at_prior=at_prior
+            )
     report |= {
         "size": size,
         "variant": variant,
