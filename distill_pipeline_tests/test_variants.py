@@ -24,7 +24,7 @@ def _task_with(tmp_path: Path, variants: str, promotion: str = "") -> Path:
 
 def test_the_builtin_task_declares_one_lever_variants_and_trains_base_in_the_demo() -> None:
     task = load_task()
-    assert list(task.variants) == [BASE_VARIANT, "long_context", "rank16", "label_smoothing"]
+    assert list(task.variants) == [BASE_VARIANT, "long_context", "rank16", "label_smoothing", "soft_labels"]
     assert task.demo_variants == (BASE_VARIANT,)
     base = task.variant(BASE_VARIANT)
     assert base.settings == task.student and base.overrides == {}
@@ -131,3 +131,14 @@ def test_the_student_partitions_are_every_size_with_every_variant() -> None:
     assert len(keys) == len(task.splits.train_sizes) * len(task.variants)
     assert student_partition("100pct") == "100pct|base" and "100pct|rank16" in keys
     assert size_and_variant("25pct|long_context") == ("25pct", "long_context")
+
+
+def test_a_variant_weighing_soft_targets_trains_on_the_soft_label_column() -> None:
+    from distill_pipeline.students.specs import SOFT_LABEL_COLUMN, build_train_spec, train_id
+
+    task = load_task("toxicity")
+    hard = build_train_spec(task, "train.parquet", "out")
+    soft = build_train_spec(task, "train.parquet", "out", "soft_labels")
+    assert (hard.soft_label_column, hard.soft_label_weight) == (None, 0.0)
+    assert (soft.soft_label_column, soft.soft_label_weight) == (SOFT_LABEL_COLUMN, 1.0)
+    assert train_id(hard, "x") != train_id(soft, "x")

@@ -14,22 +14,27 @@ from distill_pipeline.trainer.spec import TrainSpec
 TRAINER_MODULE = "distill_pipeline.trainer.train"
 TEXT_COLUMN = "input"
 LABEL_COLUMN = "label"
+#: The teacher's P(positive) in teacher_labels and the training sets (null: a hard label only).
+SOFT_LABEL_COLUMN = "soft_label"
 
 
 def build_train_spec(
     task: Task, train_path: str | Path, output_dir: str | Path, variant: str = BASE_VARIANT
 ) -> TrainSpec:
     """The TrainSpec for one of the task's student variants on one training-set file: its settings
-    plus the run's own fields."""
+    plus the run's own fields. A variant that weighs soft targets trains on the soft label column."""
+    settings = task.variant(variant).settings
+    two_labels = len(task.label.values) == 2
     return TrainSpec(
-        **dataclasses.asdict(task.variant(variant).settings),
+        **dataclasses.asdict(settings),
+        soft_label_column=SOFT_LABEL_COLUMN if settings.soft_label_weight > 0 and two_labels else None,
         train_path=str(train_path),
         output_dir=str(output_dir),
         text_column=TEXT_COLUMN,
         label_column=LABEL_COLUMN,
         label_values=list(task.label.values),
         label_names=list(task.label.names),
-        positive_label=task.label.positive if len(task.label.values) == 2 else None,
+        positive_label=task.label.positive if two_labels else None,
     )
 
 

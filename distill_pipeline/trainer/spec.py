@@ -68,8 +68,9 @@ class StudentSettings:
     # labels' whole answers), so the student is not pushed to certainty on noisy teacher labels.
     label_smoothing: float = 0.0
     # With a soft_label_column: the target is this weight on the soft distribution (1 - p, p) and
-    # the rest on the hard label. Rows without a soft value use the hard label.
-    soft_label_weight: float = 1.0
+    # the rest on the hard label. Rows without a soft value use the hard label. 0: hard labels
+    # only; the pipeline hands the trainer its soft labels only when this is above 0.
+    soft_label_weight: float = 0.0
     # Per process: under torchrun each of N processes takes batch_size examples of every global
     # micro-batch, so an optimiser step sees batch_size * grad_accum_steps * N examples.
     batch_size: int = 16
