@@ -4,7 +4,9 @@ the OpenAI-compatible teacher server.
 The moto server is a separate process on loopback, started in its own process group and
 stopped by PID, so the S3 tests exercise boto3's real HTTP path rather than an in-process mock;
 the teacher server (``openai_server.py``) is started the same way, and litellm reaches it over
-HTTP as it reaches OpenAI.
+HTTP as it reaches OpenAI. ``running_student_server`` starts ``distill-pipeline serve`` the same
+way, with that server as its teacher; ``tiny_student_spec``, ``train_tiny_student`` and
+``publish_frozen_test_set`` are how the serving tests train and publish the tiny champion it serves.
 
 Also here: where the real data shared beside the checkout is found (one place, one variable), and
 the skip policy: under ``CI=true`` a skipped test fails the run unless its reason is on
@@ -23,12 +25,17 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
 from distill_pipeline.core.store import LocalStore, ObjectStore, S3Store, make_s3_client, open_store
+
+if TYPE_CHECKING:
+    from distill_pipeline.trainer.spec import TrainSpec
 
 # Tests never reach the network. DAGSTER_HOME is deliberately left alone: tests that need an
 # instance make a temporary one.
@@ -36,6 +43,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 
 MOTO_START_TIMEOUT_S = 30.0
+STUDENT_SERVER_START_TIMEOUT_S = 120.0
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -193,6 +201,119 @@ def _wait_until_answers(url: str, process: subprocess.Popen[bytes], log_path: Pa
         except OSError:
             time.sleep(0.1)
     raise RuntimeError(f"moto server did not answer at {url} within {MOTO_START_TIMEOUT_S}s:\n{log_path.read_text()}")
+
+
+def tiny_student_spec(folder: Path, base_model: Path, output_dir: Path, **overrides: Any) -> TrainSpec:
+    """How the serving tests train their tiny student: ``folder`` holds ``train.parquet`` and
+    ``validation.parquet`` of ``input`` / ``label`` (0 ok, 1 toxic); a LoRA adapter on every
+    attention and dense layer of ``base_model``, on the CPU, with no checkpoints. ``overrides``
+    change any field (more epochs make a stronger student)."""
+    from distill_pipeline.trainer.spec import TrainSpec
+
+    settings: dict[str, Any] = {
+        "train_path": str(folder / "train.parquet"),
+        "validation_path": str(folder / "validation.parquet"),
+        "base_model": str(base_model),
+        "label_values": [0, 1],
+        "label_names": ["ok", "toxic"],
+        "positive_label": 1,
+        "epochs": 4,
+        "batch_size": 16,
+        "learning_rate": 1e-2,
+        "lora_dropout": 0.0,
+        "target_modules": ["query", "key", "value", "dense"],
+        "max_length_cap": 32,
+        "eval_every_steps": None,
+        "checkpoint_every_steps": None,
+        "output_dir": str(output_dir),
+        "device": "cpu",
+    }
+    return TrainSpec(**{**settings, **overrides})
+
+
+def train_tiny_student(spec: TrainSpec) -> None:
+    """Train ``spec`` in this process on one CPU thread: a model this small gains nothing from more,
+    and threads contending for two shared cores made its training twenty times slower."""
+    import torch
+
+    from distill_pipeline.trainer.train import train
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        train(spec, log=lambda _m: None)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def publish_frozen_test_set(store: ObjectStore, rows: list[dict[str, Any]], folder: Path) -> None:
+    """``rows`` as version 1 of the frozen test sets (its ``in_distribution`` set), made current."""
+    import json
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from distill_pipeline.core.layout import TEST_SETS_CURRENT, test_sets_prefix
+    from distill_pipeline.core.tables import publish_table
+
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.Table.from_pylist(rows), folder / "in_distribution.parquet")
+    publish_table(store, test_sets_prefix(1), {"in_distribution.parquet": folder / "in_distribution.parquet"}, {})
+    store.put_bytes(TEST_SETS_CURRENT, json.dumps({"version": 1, "prefix": test_sets_prefix(1)}).encode())
+
+
+@contextmanager
+def running_student_server(
+    store_root: Path,
+    teacher_url: str,
+    folder: Path,
+    *,
+    serve_args: Sequence[str] = (),
+    global_args: Sequence[str] = (),
+    env: Mapping[str, str] | None = None,
+    entry: Sequence[str] = ("-m", "distill_pipeline.cli"),
+) -> Iterator[str]:
+    """``distill-pipeline serve`` on loopback, with the test server (``teacher_url``) as its teacher.
+
+    Started in its own process group from the repository root, its output in ``folder/server.log``
+    and its ledger journal in ``folder/journal``; yields its base URL once ``/readyz`` answers 200
+    (a champion loaded and smoke-tested), and stops it by PID, printing the log's tail. ``entry``
+    is what follows the interpreter on the command line (the module by default).
+    """
+    import httpx
+
+    port = _free_port()
+    environment = {
+        **os.environ,
+        "DISTILL_TEACHER_API_KEY": "sk-test",
+        "DISTILL_LEDGER_JOURNAL": str(folder / "journal"),
+        "HF_HUB_OFFLINE": "1",
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",
+        **(env or {}),
+    }
+    command = [sys.executable, *entry, "--store", str(store_root), *global_args, "serve", "--port", str(port),
+               "--teacher", "openai/gpt-4", "--teacher-api-base", teacher_url + "/v1", *serve_args]  # fmt: skip
+    log_path = folder / "server.log"
+    with open(log_path, "wb") as log_file:
+        process = subprocess.Popen(
+            command, cwd=REPO_ROOT, env=environment, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + STUDENT_SERVER_START_TIMEOUT_S
+        while True:
+            assert process.poll() is None, log_path.read_text()
+            try:
+                if httpx.get(url + "/readyz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, log_path.read_text()
+            time.sleep(0.2)
+        yield url
+    finally:
+        stop_process_group(process, grace_s=30)
+        print(log_path.read_text()[-4000:])
 
 
 @pytest.fixture(scope="session")

@@ -31,10 +31,8 @@ import httpx  # noqa: E402
 import pyarrow as pa  # noqa: E402
 import pyarrow.parquet as pq  # noqa: E402
 
-from distill_pipeline.core import layout  # noqa: E402
-from distill_pipeline.core.layout import CHAMPION_CURRENT, TEST_SETS_CURRENT, adapter_prefix  # noqa: E402
+from distill_pipeline.core.layout import CHAMPION_CURRENT, adapter_prefix  # noqa: E402
 from distill_pipeline.core.store import LocalStore  # noqa: E402
-from distill_pipeline.core.tables import publish_table  # noqa: E402
 from distill_pipeline.core.task import load_task  # noqa: E402
 from distill_pipeline.data.ingest import ingest_objects  # noqa: E402
 from distill_pipeline.logs.schema import FEEDBACK_PREFIX, LOG_PREFIX, feedback_problems  # noqa: E402
@@ -42,7 +40,12 @@ from distill_pipeline.serving.prompts import PromptMatcher  # noqa: E402
 from distill_pipeline.serving.rollout import unit_hash  # noqa: E402
 from distill_pipeline.serving.students import LoadSettings, SwapRefused, UpstreamEngine, load_champion  # noqa: E402
 from distill_pipeline.students.adapters import publish_adapter  # noqa: E402
-from distill_pipeline_tests.conftest import running_student_server  # noqa: E402
+from distill_pipeline_tests.conftest import (  # noqa: E402
+    publish_frozen_test_set,
+    running_student_server,
+    tiny_student_spec,
+    train_tiny_student,
+)
 from distill_pipeline_tests.openai_server import control  # noqa: E402
 
 NICE = ["lovely", "kind", "great", "wonderful", "thanks", "helpful", "friendly"]
@@ -142,40 +145,14 @@ def _promote(store: LocalStore, manifest: dict[str, Any]) -> None:
 def published(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """A store holding a frozen test set, a trained champion, and three challengers kept back:
     a good one, one whose head is negated, and one whose weights are not safetensors."""
-    from distill_pipeline.trainer.spec import TrainSpec
-    from distill_pipeline.trainer.train import train
-
     root = tmp_path_factory.mktemp("serving")
     base = _tiny_bert(root / "base")
     for name, n, seed in (("train", 256, 1), ("validation", 60, 2)):
         pq.write_table(pa.Table.from_pylist(rows(n, seed)), root / f"{name}.parquet")
-    spec = TrainSpec(
-        train_path=str(root / "train.parquet"),
-        validation_path=str(root / "validation.parquet"),
-        base_model=str(base),
-        label_values=[0, 1],
-        label_names=["ok", "toxic"],
-        positive_label=1,
-        epochs=4,
-        batch_size=16,
-        learning_rate=1e-2,
-        lora_dropout=0.0,
-        target_modules=["query", "key", "value", "dense"],
-        max_length_cap=32,
-        eval_every_steps=None,
-        checkpoint_every_steps=None,
-        output_dir=str(root / "run-a"),
-        device="cpu",
-    )
-    train(spec, log=lambda _m: None)
+    train_tiny_student(tiny_student_spec(root, base, root / "run-a"))
     store = LocalStore(root / "store")
     test = rows(120, 3)
-    (root / "test").mkdir()
-    pq.write_table(pa.Table.from_pylist(test), root / "test" / "in_distribution.parquet")
-    publish_table(
-        store, layout.test_sets_prefix(1), {"in_distribution.parquet": root / "test" / "in_distribution.parquet"}, {}
-    )
-    store.put_bytes(TEST_SETS_CURRENT, json.dumps({"version": 1, "prefix": layout.test_sets_prefix(1)}).encode())
+    publish_frozen_test_set(store, test, root / "test")
 
     run_a = root / "run-a"
     accuracy = _accuracy(run_a / "adapter", test)
