@@ -297,7 +297,7 @@ def main() -> int:
         "",
         "## Speed (ratio: throughput against calling the teacher directly at the same concurrency)",
         "",
-        markdown_table(["path", "concurrency", "req/s", "vs teacher", "p50 ms", "p99 ms", "failed"], speed_rows),
+        markdown_table(speed_rows, ["path", "concurrency", "req/s", "vs teacher", "p50 ms", "p99 ms", "failed"]),
         "",
         "## Hybrid on Jigsaw (offline: the champion's probabilities and GPT-4's logged answers)",
         "",
@@ -307,13 +307,13 @@ def main() -> int:
         f"(price from {facts['price_source']}). Accuracy with a 95% bootstrap interval over rows.",
         "",
         markdown_table(
+            curve,
             [
                 "band of P(toxic) sent to the teacher",
                 "accuracy vs human",
                 "calls to the teacher",
                 "teacher $ per 1k calls",
             ],
-            curve,
         ),
         "",
         "## Cost per million requests",

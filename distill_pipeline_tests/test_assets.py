@@ -324,8 +324,8 @@ def test_code_location_loads_without_heavy_imports() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True
     ).stdout.splitlines()
     data_plane = ["curated_examples", "raw_logs", "teacher_labels", "teacher_logs", "test_sets", "train_sets"]
-    students = ["ablation_report", "champion", "eval_report", "lora_adapter"]
-    monitoring = ["drift_report"]
+    students = ["ablation_report", "champion", "eval_report", "experiments_report", "lora_adapter"]
+    monitoring = ["ab_report", "drift_report", "user_feedback"]
     teachers = ["label_ledger", "synthetic_examples", "teacher_eval"]
     assert output[0] == str(sorted(data_plane + students + monitoring + teachers))
     assert output[1] == "[]"

@@ -72,7 +72,7 @@ def test_fresh_logs_flow_through_and_drift_starts_one_retraining_run(tmp_path: P
         assert run["jobName"] == REDISTILL_JOB
         assert run["tags"][DRIFT_SIGNAL_TAG] in fired and run["tags"][DRIFT_DAY_TAG] == drifted_day
         assert float(run["tags"][DRIFT_VALUE_TAG]) > 0
-        assert run["tags"]["dagster/partition"] == "100pct"
+        assert run["tags"]["dagster/partition"] == "100pct|base"
         dev.wait_for(
             "the retraining run to start",
             lambda: dev.runs({"distill/trigger": "drift"})[0]["status"] in ("STARTED", "SUCCESS", "FAILURE") or None,

@@ -401,6 +401,7 @@ class _RecordingTrainer(dg.PipesSubprocessClient):
         time.sleep(self.seconds)
         (run_dir / "adapter").mkdir(parents=True, exist_ok=True)
         (run_dir / "adapter" / "adapter_config.json").write_text("{}")
+        (run_dir / "adapter" / "student.json").write_text("{}")
         (run_dir / "result.json").write_text("{}")
         with self.guard:
             self.inside -= 1
