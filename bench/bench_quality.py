@@ -16,11 +16,26 @@ in the same run); it checks that the evaluation reports' own gold scores agree w
 
     python bench/bench_quality.py                           # sizes 10%, 25%, 50%, 100%
     python bench/bench_quality.py --sizes 100% --keep out/  # one size, keep the store
+
+Levers, one at a time (``--levers``): after the pipeline run (or on the store a ``--keep`` folder
+already holds, with ``--reuse``), every named student variant of the task is trained by the
+trainer on the largest training set, with the task's spec and that variant's overrides, and scored
+against human labels on three sets drawn from the frozen test rows: the in-distribution set (the
+logs' toxic rate), a balanced set (every toxic row, as many non-toxic) and a natural-rate set
+(every non-toxic row, toxic rows at ``--natural-rate``). Each prediction is the one
+``distill-pipeline predict`` makes (``--prior auto``). Two levers need no training: the decision
+rule (the base student at its training prior) and an ensemble of the base student with the TF-IDF
+baseline. Every accuracy carries a 95% bootstrap interval, and every lever is compared with the
+base student on the same rows (paired bootstrap interval of the difference, McNemar's exact test):
+
+    python bench/bench_quality.py --sizes 100% --keep out/ --levers all
+    python bench/bench_quality.py --sizes 100% --keep out/ --reuse --levers long_context,label_smoothing
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as dt
 import json
 import os
@@ -91,12 +106,223 @@ def accuracy(predicted: np.ndarray, gold: np.ndarray) -> float:
     return float((predicted == gold).mean())
 
 
+#: The levers as student variants of the bench's task, each one change from the base student.
+#: A variant of the same name in the task file itself takes precedence.
+LEVERS: dict[str, tuple[str, dict[str, object]]] = {
+    "long_context": ("256 tokens instead of 128", {"max_length_cap": 256}),
+    "early_stopping": (
+        "up to 3 epochs, stopped after 2 validations without a better loss",
+        {"epochs": 3, "early_stopping_patience": 2, "eval_every_steps": 50},
+    ),
+    "rank16": ("LoRA rank 16 (alpha 32) instead of 8", {"lora_r": 16, "lora_alpha": 32}),
+    "query_value": ("LoRA on query and value only", {"target_modules": ["query", "value"]}),
+    "full_finetune": (
+        "every weight trained, at a full fine-tune's learning rate",
+        {"full_finetune": True, "learning_rate": 5e-5},
+    ),
+    "label_smoothing": ("label smoothing 0.1 against the teacher's mistakes", {"label_smoothing": 0.1}),
+}
+LABELS = (0, 1)
+#: Levers that need no training of their own.
+DECISION_RULE = "training_prior"
+ENSEMBLE = "tfidf_ensemble"
+
+
+def lever_task(task_dir: Path, names: list[str]) -> None:
+    """Declare the levers the task file lacks as variants of the bench's copy of the task."""
+    import tomllib
+
+    toml = task_dir / "task.toml"
+    text = toml.read_text()
+    declared = tomllib.loads(text).get("variants", {})
+    lines = []
+    for name in names:
+        if name in declared or name not in LEVERS:
+            continue
+        description, overrides = LEVERS[name]
+        lines += ["", f"[variants.{name}]", f"description = {json.dumps(description)}"]
+        lines += [f"{key} = {json.dumps(value)}" for key, value in overrides.items()]
+    toml.write_text(text + "\n".join(lines) + "\n")
+
+
+def scoring_sets(
+    tests: dict[str, tuple[list[str], np.ndarray, np.ndarray]], natural_rate: float, seed: int
+) -> dict[str, tuple[list[str], np.ndarray, np.ndarray]]:
+    """The in-distribution test set, and a balanced and a natural-rate set drawn from every frozen test row by gold label."""
+    rng = np.random.default_rng(seed)
+    texts = [t for name in TEST_SETS for t in tests[name][0]]
+    gold = np.concatenate([tests[name][1] for name in TEST_SETS])
+    teacher = np.concatenate([tests[name][2] for name in TEST_SETS])
+    positives, negatives = np.flatnonzero(gold == 1), np.flatnonzero(gold == 0)
+    n = min(len(positives), len(negatives))
+    balanced = np.sort(
+        np.concatenate([rng.choice(positives, n, replace=False), rng.choice(negatives, n, replace=False)])
+    )
+    wanted = min(round(len(negatives) * natural_rate / (1 - natural_rate)), len(positives))
+    natural = np.sort(np.concatenate([negatives, rng.choice(positives, wanted, replace=False)]))
+    sets = {"in_distribution": tests["in_distribution"]}
+    for name, index in (("balanced 50/50", balanced), (f"natural {natural_rate:.0%}", natural)):
+        sets[name] = ([texts[i] for i in index], gold[index], teacher[index])
+    return sets
+
+
+def train_lever(
+    task, variant: str, train_path: Path, folder: Path, env: dict[str, str], published: Path | None
+) -> tuple[Path, float]:
+    """Train one variant with the trainer, as lora_adapter does; its adapter folder and training seconds.
+
+    ``published`` is the pipeline's own run folder for the same training set (spec.json,
+    result.json, adapter/): when its spec is this variant's, up to where files lie, its adapter is
+    the one this would train, and is taken instead of training it again.
+    """
+    from distill_pipeline.students.specs import TRAINER_MODULE, build_train_spec
+
+    output = folder / variant
+    if (output / "adapter" / "student.json").is_file():
+        return output / "adapter", json.loads((output / "lever.json").read_text())["seconds"]
+    settings = dataclasses.asdict(task.variant(variant).settings)
+    spec = dataclasses.replace(build_train_spec(task, train_path, output), **settings)
+    output.mkdir(parents=True, exist_ok=True)
+    if published is not None and _same_run(spec, published / "spec.json"):
+        result = json.loads((published / "result.json").read_text())
+        seconds = result["train_tokens"] / result["train_tokens_per_s"]
+        shutil.copytree(published / "adapter", output / "adapter")
+    else:
+        (output / "spec.json").write_text(spec.to_json())
+        started = time.perf_counter()
+        run([sys.executable, "-m", TRAINER_MODULE, "--spec", str(output / "spec.json")], env, folder)
+        seconds = time.perf_counter() - started
+    (output / "lever.json").write_text(json.dumps({"seconds": seconds}))
+    return output / "adapter", seconds
+
+
+def _same_run(spec, published_spec: Path) -> bool:
+    if not published_spec.is_file():
+        return False
+    where = {"train_path", "validation_path", "output_dir", "device"}
+    ours = {k: v for k, v in json.loads(spec.to_json()).items() if k not in where}
+    theirs = {k: v for k, v in json.loads(published_spec.read_text()).items() if k not in where}
+    # A setting newer than the published run's spec took its default there.
+    defaults = {f.name: f.default for f in dataclasses.fields(spec) if f.default is not dataclasses.MISSING}
+    return set(theirs) <= set(ours) and all(theirs.get(k, defaults.get(k)) == v for k, v in ours.items())
+
+
+def trainable_parameters(adapter_dir: Path) -> int:
+    """The weights the run trained: everything in the adapter folder's safetensors files."""
+    from safetensors import safe_open
+
+    total = 0
+    for path in adapter_dir.glob("*.safetensors"):
+        with safe_open(str(path), "np") as weights:
+            total += sum(int(np.prod(weights.get_slice(key).get_shape())) for key in weights.keys())  # noqa: SIM118
+    return total
+
+
+def lever_table(
+    root: Path,
+    store: LocalStore,
+    tests: dict[str, tuple[list[str], np.ndarray, np.ndarray]],
+    names: list[str],
+    task_dir: Path,
+    env: dict[str, str],
+    natural_rate: float,
+) -> str:
+    """Train and score every lever; the markdown table of accuracies with intervals, paired against base."""
+    from distill_pipeline.core.published import TrainSets
+    from distill_pipeline.core.task import load_task
+    from distill_pipeline.students.evaluation import tfidf_logreg_baseline
+    from distill_pipeline.students.statistics import bootstrap_interval, compare_paired
+    from distill_pipeline.trainer.calibration import estimate_prior, shift_probability
+
+    task = load_task(task_dir)
+    largest = max(task.splits.train_sizes, key=lambda size: TrainSize.parse(size).fraction)
+    train_path = TrainSets(store).train(TrainSize.parse(largest).key, root / "levers")
+    train = pq.read_table(train_path)
+    sets = scoring_sets(tests, natural_rate, seed=task.splits.seed)
+    trained = ["base", *(name for name in names if name in task.variants and name != "base")]
+
+    predictions: dict[str, dict[str, np.ndarray]] = {}
+    about: dict[str, tuple[str, str, str]] = {}
+    base_probabilities: dict[str, np.ndarray] = {}
+    base_rule = None
+    published = LoraAdapters(store).current(TrainSize.parse(largest).key)
+    published_run = store.root / published["prefix"] if published is not None and hasattr(store, "root") else None
+    for name in trained:
+        adapter, seconds = train_lever(task, name, train_path, root / "levers", env, published_run)
+        student = load_adapter_student(adapter, log=lambda _: None)
+        predictions[name] = {}
+        for set_name, (texts, _, _) in sets.items():
+            predictions[name][set_name] = np.array(student.predict_under_prior(texts, batch_size=64, prior="auto")[0])
+            if name == "base":
+                at_training_prior, probabilities, _ = student.predict_under_prior(texts, batch_size=64, prior=None)
+                base_probabilities[set_name] = np.array(probabilities)[:, 1]
+                predictions.setdefault(DECISION_RULE, {})[set_name] = np.array(at_training_prior)
+        if name == "base":
+            base_rule = student.decision
+        about[name] = (task.variant(name).change(), f"{seconds:.0f}", f"{trainable_parameters(adapter):,}")
+    about[DECISION_RULE] = ("decide at the training prior, not the estimated one", "0", about["base"][2])
+
+    # The TF-IDF baseline's probabilities are fitted with balanced class weights, i.e. at a prior of
+    # one half: moved to the student's training prior, averaged with the student's, then both
+    # decided like the student (the threshold moved by the prior EM estimates from the set).
+    started = time.perf_counter()
+    texts, labels = train["input"].to_pylist(), train["label"].to_pylist()
+    tfidf = tfidf_logreg_baseline(texts, labels, seed=0)
+    tfidf_seconds = time.perf_counter() - started
+    train_prior = base_rule.train_prior
+    predictions[ENSEMBLE] = {}
+    for set_name, (set_texts, _, _) in sets.items():
+        p_tfidf = np.array(tfidf(set_texts).scores(1))
+        p_tfidf = np.array([shift_probability(p, 0.5, train_prior) for p in p_tfidf])
+        p_mean = (p_tfidf + base_probabilities[set_name]) / 2
+        prior = estimate_prior(p_mean.tolist(), train_prior)
+        shifted = np.array([shift_probability(p, train_prior, prior) for p in p_mean])
+        threshold = shift_probability(base_rule.threshold, train_prior, prior)
+        predictions[ENSEMBLE][set_name] = (shifted >= threshold).astype(int)
+    about[ENSEMBLE] = (
+        "mean of the base student's and the TF-IDF baseline's P(toxic)",
+        f"{tfidf_seconds:.0f}",
+        about["base"][2] + " + TF-IDF",
+    )
+
+    rows = []
+    teacher_row = ["GPT-4 (logged answers)", "the teacher", "-", "-"]
+    for _, gold, teacher in sets.values():
+        teacher_row.append(bootstrap_interval(gold, teacher, LABELS).text())
+    rows.append(teacher_row)
+    for name in [*trained, DECISION_RULE, ENSEMBLE]:
+        cells = [name, *about[name]]
+        for set_name, (_, gold, teacher) in sets.items():
+            predicted = predictions[name][set_name]
+            cell = bootstrap_interval(gold, predicted, LABELS).text()
+            if name != "base":
+                cell += f"<br>vs base {compare_paired(gold, predicted, predictions['base'][set_name], LABELS).text()}"
+            cell += f"<br>vs GPT-4 {compare_paired(gold, predicted, teacher, LABELS).text()}"
+            cells.append(cell)
+        rows.append(cells)
+    header = ["lever", "what it changes", "train s", "trainable params"]
+    header += [f"{set_name} ({len(gold)} rows, {gold.mean():.0%} toxic)" for set_name, (_, gold, _) in sets.items()]
+    return markdown_table(rows, header)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=JIGSAW_TEACHER_RESPONSES)
     parser.add_argument("--sizes", default="10%,25%,50%,100%", help="training-set sizes, comma-separated")
     parser.add_argument("--keep", type=Path, help="run in this folder and keep it (default: a temp folder)")
+    parser.add_argument(
+        "--reuse", action="store_true", help="score the store --keep holds, without running the pipeline"
+    )
+    parser.add_argument(
+        "--levers",
+        default="",
+        help=f"variants to train and score one at a time, comma-separated, or 'all' ({', '.join(LEVERS)})",
+    )
+    parser.add_argument("--natural-rate", type=float, default=0.09, help="toxic share of the natural-rate scoring set")
     args = parser.parse_args()
+    if args.reuse and not (args.keep and (args.keep / "store").is_dir()):
+        raise SystemExit("--reuse needs --keep DIR holding a previous run's store")
+    levers = list(LEVERS) if args.levers == "all" else [n.strip() for n in args.levers.split(",") if n.strip()]
     if not args.data.is_file():
         raise SystemExit(f"{args.data} not found: the shared Jigsaw data is needed")
     sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
@@ -105,7 +331,9 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     executable = shutil.which("distill-pipeline") or sys.exit("the distill-pipeline command is not installed")
     logs, gold_by_text = gpt4_logs(args.data, root)
+    shutil.rmtree(root / "task", ignore_errors=True)
     task = bench_task(root / "task", sizes)
+    lever_task(task, levers)
     store_dir = root / "store"
     env = {
         **os.environ,
@@ -116,10 +344,11 @@ def main() -> int:
     today = dt.datetime.now(dt.UTC).date().isoformat()
     started = time.perf_counter()
     common = [executable, "--task", str(task), "--store", str(store_dir)]
-    run([*common, "import", str(logs), "--preset", "jigsaw", "--day", today], env, root)
-    gold_table = str(root / "gold.parquet")
-    run([*common, "gold", gold_table, "--text-column", "comment_text", "--label-column", "is_bad"], env, root)
-    run([*common, "demo", "--days", "1", "--no-simulate"], env, root)
+    if not args.reuse:
+        run([*common, "import", str(logs), "--preset", "jigsaw", "--day", today], env, root)
+        gold_table = str(root / "gold.parquet")
+        run([*common, "gold", gold_table, "--text-column", "comment_text", "--label-column", "is_bad"], env, root)
+        run([*common, "demo", "--days", "1", "--no-simulate"], env, root)
     pipeline_seconds = time.perf_counter() - started
 
     store = LocalStore(store_dir)
@@ -198,6 +427,13 @@ def main() -> int:
     both = [size for size, _, _ in reports if all(beats[(size, name)] for name in TEST_SETS)]
     print(f"\nStudents beating GPT-4 on both test sets (calibrated): {', '.join(both) or 'none'}")
     print("The evaluation reports' scores against the gold table agree with this script's own join.")
+    if levers:
+        print(
+            "\n## Levers, one at a time (trained on the largest training set; predictions as "
+            "`distill-pipeline predict` makes them; accuracy vs human labels [95% bootstrap interval], "
+            "paired differences in points with McNemar's exact test)\n"
+        )
+        print(lever_table(root, store, tests, levers, task, env, args.natural_rate))
     print(f"store kept in {root}" if args.keep else "")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
