@@ -72,6 +72,10 @@ def _tiny_task(folder: Path) -> Path:
         ("eval_every_steps = 100", "eval_every_steps = 15"),
         ("checkpoint_every_steps = 100", "checkpoint_every_steps = 15"),
         ("min_train_steps = 60", "min_train_steps = 40"),
+        # 120 in-distribution rows at the logs' ~12% toxic rate leave a good student and the
+        # majority label a handful of discordant rows, at the edge of significance; the balanced
+        # set tells them apart whatever the draw.
+        ('decisive = ["in_distribution"]', 'decisive = ["balanced"]'),
     ):
         assert old in text, old
         text = text.replace(old, new)
