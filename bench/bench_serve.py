@@ -18,8 +18,8 @@ interval and the share of calls sent to the teacher as the band around the stude
 threshold widens, with GPT-4's price per 1,000 calls from the teacher client's price table
 (litellm's price map for ``gpt-4-1106-preview``, at the logged answers' token counts).
 
-    python bench/bench_quality.py --sizes 100% --keep /tmp/q      # trains the champion
-    python bench/bench_serve.py --store /tmp/q/store
+    python bench/bench_quality.py --sizes 100% --keep out/      # trains the champion
+    python bench/bench_serve.py --store out/store
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ from distill_pipeline.core.published import Champion, TestSets
 from distill_pipeline.core.reporting import markdown_table
 from distill_pipeline.core.store import LocalStore
 from distill_pipeline.core.task import load_task
+from distill_pipeline.students.statistics import bootstrap_interval
 from distill_pipeline_tests.conftest import JIGSAW_TEACHER_RESPONSES
 from distill_pipeline_tests.openai_server import running_server
 
@@ -139,12 +140,6 @@ def chat_body(prompt, text: str, model: str) -> dict:
     return {"model": model, "messages": [{"role": "user", "content": prompt.render(text)}]}
 
 
-def bootstrap_ci(correct: np.ndarray, rounds: int = 2000, seed: int = 0) -> tuple[float, float]:
-    rng = np.random.default_rng(seed)
-    means = correct[rng.integers(0, len(correct), size=(rounds, len(correct)))].mean(axis=1)
-    return float(np.percentile(means, 2.5)), float(np.percentile(means, 97.5))
-
-
 def hybrid_curve(store: LocalStore, folder: Path, responses: Path) -> tuple[list[list[str]], dict[str, float]]:
     """Offline: the champion's P(toxic) on its frozen test rows, GPT-4's logged label, the human label."""
     import litellm
@@ -194,11 +189,10 @@ def hybrid_curve(store: LocalStore, folder: Path, responses: Path) -> tuple[list
         if half_width >= 1.0:
             deferred = np.ones(len(rows), bool)
         answer = np.where(deferred, teacher_label, student_label)
-        correct = (answer == human).astype(float)
-        ci = bootstrap_ci(correct)
+        accuracy = bootstrap_interval(human, answer, task.label.values)
         table.append([
             f"[{lo:.2f}, {hi:.2f}]" if 0 < half_width < 1 else ("none (student only)" if half_width == 0 else "all (teacher only)"),
-            f"{correct.mean():.3f} [{ci[0]:.3f}, {ci[1]:.3f}]",
+            accuracy.text(),
             f"{deferred.mean():.1%}",
             f"${deferred.mean() * per_call * 1000:.3f}",
         ])  # fmt: skip

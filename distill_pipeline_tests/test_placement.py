@@ -219,7 +219,7 @@ def test_the_trainer_resource_pins_inference_to_one_held_gpu(tmp_path: Path, mon
 
 
 def test_several_gpus_train_under_torchrun_and_one_in_a_plain_process() -> None:
-    many = training_command("/work/run/train_spec.json", 4, python="/venv/bin/python")
+    many = training_command("run/train_spec.json", 4, python="/venv/bin/python")
     assert many == [
         "/venv/bin/python",
         "-m",
@@ -230,7 +230,7 @@ def test_several_gpus_train_under_torchrun_and_one_in_a_plain_process() -> None:
         "-m",
         "distill_pipeline.trainer.train",
         "--spec",
-        "/work/run/train_spec.json",
+        "run/train_spec.json",
     ]
     one = training_command("s.json", 1, python="python")
     assert one == ["python", "-m", "distill_pipeline.trainer.train", "--spec", "s.json"]
