@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 
 from distill_pipeline.core.normalise import jaccard
 from distill_pipeline.core.task import CurationConfig
@@ -392,3 +393,36 @@ def test_near_duplicate_recall_and_threshold_are_exact():
     assert (similar_to[400:800] == np.arange(400)).mean() >= 0.99
     assert (similar_to[800:] == -1).all()
     assert (similar_to[:400] == -1).all()
+
+
+def test_least_agreeing_is_the_binomial_quantile():
+    from math import comb
+
+    for functions, threshold in ((48, 0.8), (128, 0.8), (128, 0.5), (20, 0.95)):
+        count = minhash.least_agreeing(functions, threshold)
+
+        def below(c: int, k: int = functions, t: float = threshold) -> float:
+            return sum(comb(k, x) * t**x * (1 - t) ** (k - x) for x in range(c))
+
+        # A pair at the threshold falls below the count at most that often, and one more would not hold.
+        assert below(count) <= minhash.MISS_PROBABILITY < below(count + 1)
+    assert minhash.least_agreeing(10, 1.0) == 10
+    with pytest.raises(ValueError, match="Jaccard threshold"):
+        minhash.least_agreeing(48, 0.0)
+
+
+def test_signatures_are_the_same_whether_hashed_per_word_or_per_occurrence():
+    # Three texts over a vocabulary of 200,000 ids hold fewer words than the vocabulary, so their
+    # functions are evaluated per occurrence; with the vocabulary's size in a text, per word.
+    rng = np.random.default_rng(2)
+    sets = [sorted(rng.choice(200_000, size=n, replace=False).tolist()) for n in (5, 40, 17)]
+    ids, offsets = _ragged(sets)
+    few = minhash.signatures(ids, offsets)
+    dense = np.arange(200_001)
+    many = minhash.signatures(np.concatenate([ids, dense]), np.append(offsets, offsets[-1] + len(dense)))
+    assert np.array_equal(few, many[:3])
+    for row, words in enumerate(sets):
+        expected = (
+            minhash._mix(np.array(words, np.uint64)[:, None] ^ minhash.function_seeds()[None, :]) >> np.uint64(32)
+        ).min(axis=0)
+        assert np.array_equal(few[row], expected.astype(np.uint32))

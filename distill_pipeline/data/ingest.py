@@ -286,8 +286,9 @@ def _judged_lines_sql(max_line_bytes: int) -> str:
             CASE
                 WHEN NOT utf8_ok THEN 'invalid UTF-8'
                 WHEN nbytes > {max_line_bytes} THEN 'line longer than {max_line_bytes} bytes'
-                -- A blank line is never JSON; asking that first spares the trim of every line.
-                WHEN types IS NULL AND trim(line, ' ' || chr(9) || chr(10) || chr(13)) = '' THEN 'blank line'
+                -- A blank line is never JSON. A full match of whitespace stops at a line's first
+                -- other character, where a trim would copy every line that is not JSON.
+                WHEN types IS NULL AND regexp_full_match(line, '[ \\t\\r\\n]*') THEN 'blank line'
                 WHEN types IS NULL THEN 'not valid JSON'
                 WHEN types[1] <> 'OBJECT' THEN 'not a JSON object'
                 {type_branches}
