@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 
 import dagster as dg
@@ -14,9 +13,9 @@ from distill_pipeline.core.layout import raw_logs_prefix
 from distill_pipeline.core.store import LocalStore, ObjectStore, open_store
 from distill_pipeline.core.task import load_task
 from distill_pipeline.data.ingest import ingest_objects
-from distill_pipeline.data.sharding import ingest_in_shards, plan_shards
+from distill_pipeline.data.sharding import ingest_shard, merge_shards, plan_shards
 from distill_pipeline.defs.core.resources import StoreResource, TaskResource
-from distill_pipeline.defs.data.ingest import RawLogsConfig, raw_logs
+from distill_pipeline.defs.data.ingest import raw_logs
 from distill_pipeline.defs.logs.assets import teacher_logs
 from distill_pipeline.demo.simulator import TrafficProfile, simulate_traffic
 from distill_pipeline.logs.schema import log_object_key, log_object_prefix
@@ -59,21 +58,19 @@ def test_shards_are_contiguous_balanced_runs_of_the_keys():
         plan_shards(objects, 0)
 
 
-def test_four_shards_in_separate_processes_give_the_rows_of_one(day_store: LocalStore, tmp_path: Path):
+def test_four_shards_ingested_apart_give_the_rows_of_one(day_store: LocalStore, tmp_path: Path):
     keys = [key for key, _ in _objects(day_store)]
     one = ingest_objects(day_store, keys, tmp_path / "one", tmp_path / "one.parquet", tmp_path / "one_q.parquet")
-    merged, per_shard = ingest_in_shards(
-        functools.partial(open_store, day_store.url),
-        _objects(day_store),
-        4,
-        tmp_path / "shards",
-        tmp_path / "merged.parquet",
-        tmp_path / "merged_q.parquet",
-        processes=2,
-    )
-    assert len(per_shard) == 4
+    planned = plan_shards(_objects(day_store), 4)
+    # Each shard on a store of its own opening, as a step in another process or pod does.
+    outputs = [
+        ingest_shard(open_store(day_store.url), shard, tmp_path / f"shard-{index}")
+        for index, shard in enumerate(planned)
+    ]
+    merged = merge_shards(outputs, tmp_path / "merge", tmp_path / "merged.parquet", tmp_path / "merged_q.parquet")
+    assert len(planned) == 4
     # The replayed object's ids were kept by the first shard: the last shard alone keeps them again.
-    assert sum(s.duplicates for s in per_shard) < merged.duplicates
+    assert sum(o.stats.duplicates for o in outputs) < merged.duplicates
     for merged_table, one_table in (("merged.parquet", "one.parquet"), ("merged_q.parquet", "one_q.parquet")):
         assert _same_rows(pq.read_table(tmp_path / merged_table), pq.read_table(tmp_path / one_table))
     assert (merged.lines_in, merged.kept, merged.quarantined, merged.reasons) == (
@@ -85,22 +82,41 @@ def test_four_shards_in_separate_processes_give_the_rows_of_one(day_store: Local
     assert merged.kept + merged.quarantined == merged.lines_in
 
 
-def test_raw_logs_in_shards_publishes_the_same_tables(day_store: LocalStore, tmp_path: Path):
+def test_raw_logs_ingests_each_shard_in_a_step_of_its_own_and_publishes_the_same_tables(
+    day_store: LocalStore, tmp_path: Path
+):
     resources = {"store": StoreResource(url=day_store.url), "task": TaskResource()}
-    tables = {}
+    tables, metadata = {}, {}
     with dg.instance_for_test() as instance:
-        for shards in (1, 3):
+        for shards in (1, 4):
             result = dg.materialize(
                 [teacher_logs, raw_logs],
                 selection=["raw_logs"],
                 partition_key=DAY,
                 resources=resources,
                 instance=instance,
-                run_config=dg.RunConfig({"raw_logs": RawLogsConfig(shards=shards, processes=1)}),
+                run_config={"ops": {"raw_logs": {"ops": {"plan_raw_log_shards": {"config": {"shards": shards}}}}}},
             )
             assert result.success
+            steps = sorted(stats.step_key for stats in instance.get_run_step_stats(result.run_id))
+            assert steps == sorted(
+                [
+                    "raw_logs.plan_raw_log_shards",
+                    "raw_logs.merge_raw_log_shards",
+                    *(f"raw_logs.ingest_raw_log_shard[shard_{index:03d}]" for index in range(shards)),
+                ]
+            )
+            (evaluation,) = result.get_asset_check_evaluations()
+            assert evaluation.check_name == "quarantine_rate" and evaluation.passed
+            (materialization,) = result.asset_materializations_for_node("raw_logs")
+            metadata[shards] = materialization.metadata
             tables[shards] = [
                 pq.read_table(day_store.root / raw_logs_prefix(DAY) / name)
                 for name in ("records.parquet", "quarantine.parquet")
             ]
-    assert all(_same_rows(a, b) for a, b in zip(tables[3], tables[1], strict=True))
+            # The shards' staged tables are gone once merged.
+            assert day_store.list("staging/") == []
+    assert all(_same_rows(a, b) for a, b in zip(tables[4], tables[1], strict=True))
+    assert metadata[4]["lines_in"] == metadata[1]["lines_in"]
+    assert metadata[4]["duplicate_request_ids"] == metadata[1]["duplicate_request_ids"]
+    assert "| 3 |" in metadata[4]["shards"].value

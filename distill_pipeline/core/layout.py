@@ -15,6 +15,11 @@ def raw_logs_prefix(day: str) -> str:
     return f"{TABLES}/raw_logs/dt={day}/"
 
 
+def raw_logs_shard_prefix(day: str, run_id: str, shard: int) -> str:
+    """Where one shard of a day's ingestion stages its tables until the run merges them."""
+    return f"staging/raw_logs/dt={day}/run={run_id}/shard-{shard:03d}/"
+
+
 def teacher_labels_prefix(day: str) -> str:
     return f"{TABLES}/teacher_labels/dt={day}/"
 

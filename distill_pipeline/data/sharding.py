@@ -1,8 +1,8 @@
 """A day's ingestion split into shards that run apart, then merged exactly.
 
 The day's log objects, in key order, are cut into contiguous shards of about equal bytes
-(:func:`plan_shards`); each shard is ingested on its own (:func:`ingest_shard`: another process,
-another pod), deduplicating request ids within itself. :func:`merge_shards` then makes the
+(:func:`plan_shards`); each shard is ingested on its own (:func:`ingest_shard`: a step of its
+own, on another process or pod), deduplicating request ids within itself. :func:`merge_shards` then makes the
 request-id dedup global: a record whose id a shard earlier in key order already kept is moved
 to quarantine as a duplicate, and every duplicate names the place its id was first seen in the
 whole day. Since shards are contiguous in key order, "first in the earliest shard" is "first in
@@ -14,13 +14,11 @@ ids, not a second pass over the lines.
 
 from __future__ import annotations
 
-import os
-from collections.abc import Callable, Sequence
-from concurrent.futures import ProcessPoolExecutor
+import dataclasses
+import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass
-from multiprocessing import get_context
 from pathlib import Path
-from typing import Any
 
 from distill_pipeline.core import duck
 from distill_pipeline.core.store import ObjectStore
@@ -90,6 +88,14 @@ def merge_shards(
     outputs: Sequence[ShardOutput], workdir: Path, records_path: Path, quarantine_path: Path
 ) -> IngestStats:
     """One day's records and quarantine from its shards, with request ids unique across them."""
+    if len(outputs) == 1:
+        # One shard's tables are the day's: its own ingestion already made its ids unique.
+        only = outputs[0]
+        shutil.copyfile(only.records, records_path)
+        shutil.copyfile(only.quarantine, quarantine_path)
+        return dataclasses.replace(
+            only.stats, reasons=dict(only.stats.reasons), pii_scrubbed=dict(only.stats.pii_scrubbed)
+        )
     con = duck.connect(workdir)
     try:
         records = ", ".join(duck.sql_string(str(o.records)) for o in outputs)
@@ -157,48 +163,3 @@ def merge_shards(
         return stats
     finally:
         con.close()
-
-
-def _ingest_shard_with(
-    open_shard_store: Callable[[], ObjectStore], keys: list[str], workdir: Path, options: dict[str, Any]
-) -> ShardOutput:
-    return ingest_shard(open_shard_store(), keys, workdir, **options)
-
-
-def ingest_in_shards(
-    open_shard_store: Callable[[], ObjectStore],
-    objects: Sequence[tuple[str, int]],
-    shards: int,
-    workdir: Path,
-    records_path: Path,
-    quarantine_path: Path,
-    *,
-    max_line_bytes: int = DEFAULT_MAX_LINE_BYTES,
-    max_object_bytes: int = DEFAULT_MAX_OBJECT_BYTES,
-    scrub_pii: bool = False,
-    processes: int | None = None,
-) -> tuple[IngestStats, list[IngestStats]]:
-    """Ingest ``objects`` (key, bytes) in ``shards`` shards, each in a process of its own (at
-    most ``processes`` at once, default one per core) that opens the store with
-    ``open_shard_store`` (picklable), then merge them; the merged counts and each shard's."""
-    options = {"max_line_bytes": max_line_bytes, "max_object_bytes": max_object_bytes, "scrub_pii": scrub_pii}
-    planned = plan_shards(objects, shards) or [[]]
-    directories = [workdir / f"shard-{index:03d}" for index in range(len(planned))]
-    workers = min(len(planned), processes or os.cpu_count() or 1)
-    if workers == 1:
-        store = open_shard_store()
-        outputs = [ingest_shard(store, keys, d, **options) for keys, d in zip(planned, directories, strict=True)]
-    else:
-        # Spawned, not forked: the caller may hold threads (a Dagster run does) that a fork copies half-way.
-        with ProcessPoolExecutor(workers, mp_context=get_context("spawn")) as pool:
-            outputs = list(
-                pool.map(
-                    _ingest_shard_with,
-                    [open_shard_store] * len(planned),
-                    planned,
-                    directories,
-                    [options] * len(planned),
-                )
-            )
-    merged = merge_shards(outputs, workdir / "merge", records_path, quarantine_path)
-    return merged, [o.stats for o in outputs]

@@ -205,7 +205,9 @@ def run_plan(definitions: Any, runs: Sequence[PlannedRun], *, out: TextIO = sys.
                     continue
                 metadata = dict(materializations[-1].metadata)
                 asset_checks = {name: passed for (owner, name), passed in checks.items() if owner == asset}
-                outcome = StepOutcome(asset, run.partition, seconds.get(asset, 0.0), metadata, asset_checks)
+                # A graph-backed asset (raw_logs) runs as several steps named after it.
+                spent = sum(t for step, t in seconds.items() if step == asset or step.startswith(f"{asset}."))
+                outcome = StepOutcome(asset, run.partition, spent, metadata, asset_checks)
                 outcomes.append(outcome)
                 failed = [name for name, passed in asset_checks.items() if not passed]
                 warning = f"  [checks failed: {', '.join(failed)}]" if failed else ""

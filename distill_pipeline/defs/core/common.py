@@ -11,9 +11,10 @@ from distill_pipeline.core.store import ObjectStore
 
 
 @contextmanager
-def scratch_dir(context: dg.AssetExecutionContext) -> Iterator[Path]:
+def scratch_dir(context: dg.AssetExecutionContext | dg.OpExecutionContext) -> Iterator[Path]:
     """A temporary directory for DuckDB and Parquet work, removed when the step ends."""
-    name = context.asset_key.to_user_string().replace("/", "_")
+    name = context.asset_key.to_user_string() if isinstance(context, dg.AssetExecutionContext) else context.op.name
+    name = name.replace("/", "_")
     with tempfile.TemporaryDirectory(prefix=f"distill-{name}-") as directory:
         yield Path(directory)
 
