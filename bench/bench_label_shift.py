@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import sys
@@ -36,25 +35,9 @@ from distill_pipeline.core.store import LocalStore
 from distill_pipeline.data.splitting import TEST_SETS
 from distill_pipeline.students.adapters import fetch_adapter
 from distill_pipeline.students.predict import load_adapter_student
+from distill_pipeline.students.statistics import bootstrap_interval, compare_paired
 
-BOOTSTRAP = 2000
-
-
-def interval(correct: np.ndarray, rng: np.random.Generator) -> tuple[float, float]:
-    draws = rng.integers(0, len(correct), size=(BOOTSTRAP, len(correct)))
-    means = correct[draws].mean(axis=1)
-    return float(np.quantile(means, 0.025)), float(np.quantile(means, 0.975))
-
-
-def mcnemar_exact(a: np.ndarray, b: np.ndarray) -> float:
-    """Two-sided exact McNemar p-value for paired correct/incorrect vectors."""
-    only_a, only_b = int((a & ~b).sum()), int((~a & b).sum())
-    n = only_a + only_b
-    if n == 0:
-        return 1.0
-    k = min(only_a, only_b)
-    tail = sum(math.comb(n, i) for i in range(k + 1)) / 2**n
-    return min(1.0, 2 * tail)
+LABELS = (0, 1)
 
 
 def main() -> int:
@@ -106,24 +89,25 @@ def main() -> int:
         y = truth[index]
         at_train, _, _ = student.predict_under_prior(subset, prior=None)
         at_auto, _, estimated = student.predict_under_prior(subset, prior="auto")
-        correct = {
-            "GPT-4": teacher[index] == y,
-            "student, training prior": np.array(at_train) == y,
-            "student, estimated prior": np.array(at_auto) == y,
+        predicted = {
+            "GPT-4": teacher[index],
+            "student, training prior": np.array(at_train),
+            "student, estimated prior": np.array(at_auto),
         }
         cells = [name, f"{len(index)} ({y.mean():.1%})", f"{estimated:.1%}" if estimated is not None else "-"]
-        for hits in correct.values():
-            low, high = interval(hits, rng)
-            cells.append(f"{hits.mean():.4f} [{low:.3f}, {high:.3f}]")
-        a, b = correct["student, estimated prior"], correct["student, training prior"]
-        difference = a.astype(float) - b.astype(float)
-        low, high = interval(difference, rng)
-        cells.append(f"{difference.mean():+.4f} [{low:+.3f}, {high:+.3f}] p={mcnemar_exact(a, b):.3g}")
+        for labels in predicted.values():
+            score = bootstrap_interval(y, labels, LABELS)
+            cells.append(f"{score.estimate:.4f} [{score.low:.3f}, {score.high:.3f}]")
+        paired = compare_paired(y, predicted["student, estimated prior"], predicted["student, training prior"], LABELS)
+        difference = paired.difference
+        cells.append(
+            f"{difference.estimate:+.4f} [{difference.low:+.3f}, {difference.high:+.3f}] p={paired.p_value:.3g}"
+        )
         table_rows.append(cells)
     print(
         markdown_table(
             table_rows,
-            ["set", "rows (toxic)", "estimated prior", *correct, "estimated - training prior (paired)"],
+            ["set", "rows (toxic)", "estimated prior", *predicted, "estimated - training prior (paired)"],
         )
     )
     print(json.dumps({"train_prior": rule.train_prior, "threshold": rule.threshold}))

@@ -270,8 +270,10 @@ def near_duplicates(
     functions = signature.shape[1]
     first_filter = least_agreeing(functions, threshold)
     second_filter = least_agreeing(functions + REFINE_FUNCTIONS, threshold)
-    refined = np.zeros((count, REFINE_FUNCTIONS), np.uint32)
-    has_refined = np.zeros(count, bool)
+    # The added functions' values, for the texts some candidate has named so far: row
+    # ``refined_row[text]`` of ``refined`` (-1: none yet).
+    refined_row = np.full(count, -1, np.int64)
+    refined = np.zeros((0, REFINE_FUNCTIONS), np.uint32)
     # Pairs verified and found wanting, as (earlier << 32 | later).
     wanting = [np.zeros(0, np.uint64)]
     for band in range(keys.shape[1]):
@@ -283,11 +285,11 @@ def near_duplicates(
             continue
         named = np.zeros(count, bool)
         named[pairs.ravel()] = True
-        new = np.flatnonzero(named & ~has_refined)
+        new = np.flatnonzero(named & (refined_row < 0))
         if len(new):
-            refined[new] = signatures(*_subset(word_ids, offsets, new), seeds[functions:])
-            has_refined[new] = True
-        agreeing += np.rint(estimated_similarity(refined, pairs) * REFINE_FUNCTIONS).astype(np.int64)
+            refined_row[new] = np.arange(len(refined), len(refined) + len(new))
+            refined = np.concatenate([refined, signatures(*_subset(word_ids, offsets, new), seeds[functions:])])
+        agreeing += np.rint(estimated_similarity(refined, refined_row[pairs]) * REFINE_FUNCTIONS).astype(np.int64)
         pair_keys = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
         promising = (agreeing >= second_filter) & ~_among(pair_keys, np.sort(np.concatenate(wanting)))
         pairs, agreeing, pair_keys = pairs[promising], agreeing[promising], pair_keys[promising]
