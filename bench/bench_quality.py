@@ -302,7 +302,7 @@ def lever_table(
         rows.append(cells)
     header = ["lever", "what it changes", "train s", "trainable params"]
     header += [f"{set_name} ({len(gold)} rows, {gold.mean():.0%} toxic)" for set_name, (_, gold, _) in sets.items()]
-    return markdown_table(rows, header)
+    return markdown_table(rows, header, max_cell_chars=None)
 
 
 def main() -> int:
@@ -367,13 +367,15 @@ def main() -> int:
             np.array(table["label"].to_pylist()),
         )
 
+    from distill_pipeline.students.statistics import bootstrap_interval, compare_paired
+
     rows = []
     teacher_row = ["GPT-4 (the teacher's logged answers)", "-"]
     for name in TEST_SETS:
         _, gold, teacher = tests[name]
-        teacher_row.append(f"{accuracy(teacher, gold):.4f}")
+        teacher_row.append(bootstrap_interval(gold, teacher, LABELS).text())
     rows.append(teacher_row)
-    beats = {}
+    verdicts = {}
     reports = []
     for size_key in (TrainSize.parse(size).key for size in sizes):
         report = read_report(store, eval_report_prefix(size_key))
@@ -387,13 +389,17 @@ def main() -> int:
             calibrated_row = [f"student {size_key} (calibrated threshold)", f"{report['train_rows']:,}"]
             argmax_row = [f"student {size_key} (argmax)", f"{report['train_rows']:,}"]
             for name in TEST_SETS:
-                texts, gold, _ = tests[name]
+                texts, gold, teacher = tests[name]
                 labels, probabilities = student.predict(texts, batch_size=64)
-                calibrated = accuracy(np.array(labels), gold)
-                argmax = accuracy(np.array(student.labels.values)[np.array(probabilities).argmax(axis=1)], gold)
-                calibrated_row.append(f"{calibrated:.4f}")
-                argmax_row.append(f"{argmax:.4f}")
-                beats[(size_key, name)] = calibrated > accuracy(tests[name][2], gold)
+                predicted = np.array(labels)
+                calibrated = accuracy(predicted, gold)
+                by_argmax = np.array(student.labels.values)[np.array(probabilities).argmax(axis=1)]
+                versus = compare_paired(gold, predicted, teacher, LABELS)
+                calibrated_row.append(
+                    f"{bootstrap_interval(gold, predicted, LABELS).text()}<br>vs GPT-4 {versus.text()}"
+                )
+                argmax_row.append(bootstrap_interval(gold, by_argmax, LABELS).text())
+                verdicts[(size_key, name)] = versus.verdict
                 # The pipeline's own evaluation, from the gold table, must say the same.
                 vs_gold = report["test_sets"][name]["vs_gold"]
                 reported = (vs_gold["student"]["accuracy"], vs_gold["teacher"]["accuracy"])
@@ -418,14 +424,19 @@ def main() -> int:
         + ", ".join(f"{name} {len(tests[name][0])} rows" for name in TEST_SETS)
         + f"; pipeline wall time {pipeline_seconds:.0f}s\n"
     )
-    print(markdown_table(rows, ["model", "training rows", *(f"accuracy vs gold, {n}" for n in TEST_SETS)]))
+    print(
+        markdown_table(
+            rows, ["model", "training rows", *(f"accuracy vs gold, {n}" for n in TEST_SETS)], max_cell_chars=None
+        )
+    )
     ablation = read_report(store, ABLATION_PREFIX)
     if ablation is not None:
         print(f"\nAblation (against the teacher's labels): {ablation['recommendation']}")
     champion = Champion(store).current()
     print(f"Champion: {champion['train_size']} ({champion['train_id']})" if champion else "Champion: none promoted")
-    both = [size for size, _, _ in reports if all(beats[(size, name)] for name in TEST_SETS)]
-    print(f"\nStudents beating GPT-4 on both test sets (calibrated): {', '.join(both) or 'none'}")
+    for verdict, phrase in (("better", "more accurate than"), ("tied", "tied with"), ("worse", "less accurate than")):
+        sizes_with = [size for size, _, _ in reports if {verdicts[(size, n)] for n in TEST_SETS} == {verdict}]
+        print(f"Students {phrase} GPT-4 on both test sets (McNemar, alpha 0.05): {', '.join(sizes_with) or 'none'}")
     print("The evaluation reports' scores against the gold table agree with this script's own join.")
     if levers:
         print(

@@ -11,18 +11,24 @@ from typing import Any
 MAX_CELL_CHARS = 120
 
 
-def _cell(value: Any) -> str:
+def _cell(value: Any, max_chars: int | None) -> str:
     text = "" if value is None else str(value)
     text = text.replace("\r", " ").replace("\n", " ").replace("|", "\\|")
-    return text if len(text) <= MAX_CELL_CHARS else text[: MAX_CELL_CHARS - 1] + "…"
+    return text if max_chars is None or len(text) <= max_chars else text[: max_chars - 1] + "…"
 
 
-def markdown_table(rows: Iterable[Mapping[str, Any]] | Iterable[Sequence[Any]], columns: Sequence[str]) -> str:
-    """A markdown table; cells are flattened to one line and cut to a readable length."""
+def markdown_table(
+    rows: Iterable[Mapping[str, Any]] | Iterable[Sequence[Any]],
+    columns: Sequence[str],
+    *,
+    max_cell_chars: int | None = MAX_CELL_CHARS,
+) -> str:
+    """A markdown table; cells are flattened to one line and cut to ``max_cell_chars`` (None: a
+    table of figures the program composed, whose every word matters)."""
     lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
     for row in rows:
         values = [row.get(c) for c in columns] if isinstance(row, Mapping) else list(row)
-        lines.append("| " + " | ".join(_cell(v) for v in values) + " |")
+        lines.append("| " + " | ".join(_cell(v, max_cell_chars) for v in values) + " |")
     return "\n".join(lines)
 
 
