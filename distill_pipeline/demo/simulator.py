@@ -1006,11 +1006,12 @@ def _render_lines(con: duckdb.DuckDBPyConnection, rows: pa.Table, task: Task) ->
         expressions["schema_version"] = str(SCHEMA_VERSION)
         expressions["task"] = "'" + task.id.replace("'", "''") + "'"
         line = log_line_sql(expressions)
-        lines = con.sql(f"SELECT {line} || chr(10) FROM simulated").to_arrow_table().column(0).combine_chunks()
+        rendered = con.sql(f"SELECT {line} || chr(10) FROM simulated").to_arrow_table().column(0)
     finally:
         con.unregister("simulated")
-    # Binary, because an invalid_utf8 line cannot live in an Arrow string array.
-    return lines.cast(pa.binary())
+    # Binary, because an invalid_utf8 line cannot live in an Arrow string array; with 64-bit
+    # offsets, because a busy day's lines pass the 2 GiB that 32-bit ones can address.
+    return rendered.cast(pa.large_binary()).combine_chunks()
 
 
 def _with_faults(lines: pa.Array, drawn: _DrawnDay) -> pa.Array:
@@ -1042,7 +1043,7 @@ def _with_faults(lines: pa.Array, drawn: _DrawnDay) -> pa.Array:
             # Lone surrogates become the raw bytes 0xff 0xfe under the surrogateescape encoding.
             line = line.replace('"input":"', '"input":"\udcff\udcfe', 1)
         replacements.append(line.rstrip("\n").encode("utf-8", "surrogateescape") + b"\n")
-    return _replace_rows(lines, drawn.line_kind > 0, pa.array(replacements, pa.binary()))
+    return _replace_rows(lines, drawn.line_kind > 0, pa.array(replacements, pa.large_binary()))
 
 
 def _batch_sizes(n: int, mean: int, rng: np.random.Generator) -> list[int]:
