@@ -579,7 +579,14 @@ def run_child(variant: Variant, data_dir: Path, work: Path) -> dict[str, Any]:
     if variant.near_dup:
         command.append("--near-dup")
     load_before = os.getloadavg()[0]
-    subprocess.run([*command, "--work", str(work)], check=True, env={**os.environ, **variant.env})
+    completed = subprocess.run(
+        [*command, "--work", str(work)], env={**os.environ, **variant.env}, stderr=subprocess.PIPE, text=True
+    )
+    sys.stderr.write(completed.stderr)
+    if completed.returncode != 0:
+        # A variant that fails (out of memory, say) is a result of the run, reported as such.
+        errors = [line for line in completed.stderr.splitlines() if "Error" in line or "Exception" in line]
+        return {"failed": (errors[-1] if errors else f"exit status {completed.returncode}").strip()}
     result = json.loads((work / "result.json").read_text())
     # Other work on the machine shows in the load: wall seconds are only as good as it is low.
     result["load"] = max(load_before, os.getloadavg()[0])
@@ -622,7 +629,7 @@ def describe(value: Any) -> str:
 
 def check_same_work(size: int, runs: dict[str, dict[str, Any]]) -> list[str]:
     """The counts of every variant side by side; a mismatch in any MUST_MATCH count is an error."""
-    names = list(runs)
+    names = [name for name, run in runs.items() if "failed" not in run]
     lines = ["| count | " + " | ".join(names) + " |", "|---|" + "---:|" * len(names)]
     mismatches = []
     for count in MUST_MATCH:
@@ -668,8 +675,12 @@ def report(
     ]
     for size, runs in results.items():
         baseline = runs.get("pandas")
+        baseline = None if baseline is None or "failed" in baseline else baseline
         lines = inputs[size]["lines"]
         for name, run in runs.items():
+            if "failed" in run:
+                out.append(f"| {size:,} | {name} | failed: {run['failed']} | | | | | | | |")
+                continue
             ratios = (
                 f"{baseline['seconds'] / run['seconds']:.1f}x | {baseline['cpu_seconds'] / run['cpu_seconds']:.1f}x"
                 if baseline
@@ -684,6 +695,8 @@ def report(
     out += ["| lines | implementation | " + " | ".join(STAGES) + " |", "|---:|---|" + "---:|" * len(STAGES)]
     for size, runs in results.items():
         for name, run in runs.items():
+            if "failed" in run:
+                continue
             cells = [
                 f"{run['stages'][s]:.2f} / {run['stage_cpu'][s]:.2f} ({run['stages'][s] / run['seconds']:.0%})"
                 for s in STAGES
@@ -696,7 +709,7 @@ def report(
         "|---:|---:|---:|---:|---:|---|---:|",
     ]
     for size, runs in results.items():
-        quality = runs["pipeline"].get("near_duplicate_quality")
+        quality = runs.get("pipeline", {}).get("near_duplicate_quality")
         if quality:
             low, high = quality["recall_ci"]
             fp_low, fp_high = quality["false_positive_ci"]
@@ -712,7 +725,13 @@ def report(
         out += [f"{size:,} lines:", "", *same_work[size], ""]
     out += ["## Goals", ""]
     sizes = sorted(results)
+    finished = {size: {n: r for n, r in runs.items() if "failed" not in r} for size, runs in results.items()}
+    sizes = [size for size in sizes if "pipeline" in finished[size]]
+    if not sizes:
+        out += ["- The pipeline finished at no size.", ""]
+        return "\n".join(out)
     smallest, largest = sizes[0], sizes[-1]
+    results = finished
     with_pandas = [size for size in sizes if "pandas" in results[size]]
     if with_pandas:
         compared = with_pandas[-1]
@@ -812,6 +831,10 @@ def main() -> None:
                     work = root / f"work_{size}_{len(results[size])}_{attempt}"
                     run = run_child(variant, data_dir, work)
                     shutil.rmtree(work, ignore_errors=True)
+                    if "failed" in run:
+                        print(f"  {variant.name}: failed: {run['failed']}", flush=True)
+                        runs.append(run)
+                        break
                     print(
                         f"  {variant.name}: {run['seconds']:.2f}s ({run['cpu_seconds']:.2f} CPU s), "
                         f"peak RSS {run['peak_rss_mb']:,.0f} MB, load {run['load']:.1f}; "
@@ -819,7 +842,8 @@ def main() -> None:
                         flush=True,
                     )
                     runs.append(run)
-                results[size][variant.name] = min(runs, key=lambda run: run["seconds"])
+                finished = [run for run in runs if "failed" not in run]
+                results[size][variant.name] = min(finished, key=lambda run: run["seconds"]) if finished else runs[-1]
             same_work[size] = check_same_work(size, results[size])
             shutil.rmtree(data_dir, ignore_errors=True)
     text = report(command, args.repeat, inputs, results, same_work)
