@@ -65,6 +65,7 @@ from distill_pipeline.data.splitting import TEST_SETS, TrainSize
 from distill_pipeline.students.adapters import fetch_adapter
 from distill_pipeline.students.predict import load_adapter_student
 from distill_pipeline.students.specs import TEXT_COLUMN
+from distill_pipeline.students.statistics import bootstrap_interval, compare_paired
 from distill_pipeline_tests.conftest import JIGSAW_TEACHER_RESPONSES
 
 TEACHER = ("gpt-4-1106-preview", "simple_prompt")
@@ -231,7 +232,6 @@ def lever_table(
     from distill_pipeline.core.published import TrainSets
     from distill_pipeline.core.task import load_task
     from distill_pipeline.students.evaluation import tfidf_logreg_baseline
-    from distill_pipeline.students.statistics import bootstrap_interval, compare_paired
     from distill_pipeline.trainer.calibration import estimate_prior, shift_probability
 
     task = load_task(task_dir)
@@ -367,8 +367,6 @@ def main() -> int:
             np.array(table["label"].to_pylist()),
         )
 
-    from distill_pipeline.students.statistics import bootstrap_interval, compare_paired
-
     rows = []
     teacher_row = ["GPT-4 (the teacher's logged answers)", "-"]
     for name in TEST_SETS:
@@ -422,7 +420,11 @@ def main() -> int:
         f"{len(gold_by_text):,} distinct GPT-4-labelled comments imported; "
         f"test sets v{pointer['version']}: "
         + ", ".join(f"{name} {len(tests[name][0])} rows" for name in TEST_SETS)
-        + f"; pipeline wall time {pipeline_seconds:.0f}s\n"
+        + (
+            "; pipeline reused from the kept store\n"
+            if args.reuse
+            else f"; pipeline wall time {pipeline_seconds:.0f}s\n"
+        )
     )
     print(
         markdown_table(
