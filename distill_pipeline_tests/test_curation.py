@@ -345,9 +345,31 @@ def test_minhash_functions_are_independent_and_unbiased():
     ids, offsets = _ragged(sets)
     signature = minhash.signatures(ids, offsets)
     pairs = np.arange(600).reshape(300, 2)
-    agreeing = minhash.estimated_similarity(signature, pairs) * signature.shape[1]
+    agreeing = (signature[pairs[:, 0]] == signature[pairs[:, 1]]).sum(axis=1)
     assert abs(agreeing.mean() / signature.shape[1] - 0.5) < 0.02
     assert 8 < agreeing.var() < 17
+    # Scored on the values' low bytes, a pair agrees on a function with probability
+    # 0.5 + 0.5 / 256, and never on fewer functions than the full values agree on.
+    packed = minhash.agreeing_functions(minhash.packed_signature(signature), pairs, signature.shape[1])
+    assert (packed >= agreeing).all()
+    expected = minhash.agreement_probability(0.5) * signature.shape[1]
+    assert abs(packed.mean() - expected) < 0.02 * signature.shape[1]
+
+
+def test_packed_scores_count_agreeing_low_bytes_exactly():
+    # Any width, padding included: the count equals a byte-by-byte comparison.
+    rng = np.random.default_rng(8)
+    for functions in (48, 80, 13):
+        signature = rng.integers(0, 2**32, size=(500, functions), dtype=np.uint64).astype(np.uint32)
+        # Force many agreements, on the full value and on the low byte alone.
+        signature[250:, : functions // 2] = signature[:250, : functions // 2]
+        signature[250:, -3:] = (signature[:250, -3:] & 0xFF) | np.uint32(0xABCD00)
+        pairs = np.stack([rng.integers(0, 500, 2_000), rng.integers(0, 500, 2_000)], 1)
+        pairs[:500] = np.stack([np.arange(250), np.arange(250, 500)], 1).repeat(2, 0)
+        low = signature & 0xFF
+        expected = (low[pairs[:, 0]] == low[pairs[:, 1]]).sum(axis=1)
+        scored = minhash.agreeing_functions(minhash.packed_signature(signature), pairs, functions)
+        assert np.array_equal(scored, expected)
 
 
 def test_exact_jaccard_is_the_word_set_rule():

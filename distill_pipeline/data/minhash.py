@@ -25,7 +25,10 @@ candidates below it loses a true pair that rarely. The first filter reads the ``
 functions of the buckets; the candidates it keeps are scored again on ``REFINE_FUNCTIONS`` more
 (computed only for the texts they name), where an estimate from 128 functions tells a pair at
 0.7 from one at 0.8 far more often than one from 48 does: in templated traffic most candidates
-lie between the two, and each costs an exact comparison otherwise. The rest are verified with
+lie between the two, and each costs an exact comparison otherwise. Candidates are scored on the
+lowest byte of each function's value, eight functions to a 64-bit word: two different minima
+still agree there once in 256, so a pair at Jaccard ``j`` agrees on a function with probability
+``j + (1 - j) / 256``, and the bound is taken at that probability. The rest are verified with
 the exact Jaccard of the word sets, so every pair reported reaches the threshold; a pair found
 wanting is not verified again when it shares another band.
 """
@@ -49,6 +52,8 @@ ATTEMPTS_PER_BAND = 4
 #: The most probability with which each statistical filter drops a pair exactly at the threshold
 #: (a pair above it is dropped less often still).
 MISS_PROBABILITY = 1e-4
+#: Bits of each function's value compared when candidates are scored (see ``packed_signature``).
+SCORE_BITS = 8
 #: Functions added for the second filter, on the candidates the first one kept.
 REFINE_FUNCTIONS = 80
 SIGNATURE_SEED = 20_240_611
@@ -57,6 +62,7 @@ CHUNK_ROWS = 2048
 #: Hash functions evaluated over the vocabulary at a time: bounds that table to 64 bytes a word.
 SEED_BLOCK = 16
 
+_LOW7 = np.uint64(0x7F7F7F7F7F7F7F7F)
 _M1 = np.uint64(0xBF58476D1CE4E5B9)
 _M2 = np.uint64(0x94D049BB133111EB)
 
@@ -201,17 +207,42 @@ def bucket_pairs(
     return np.concatenate(found) if found else np.zeros((0, 2), np.int64)
 
 
-def estimated_similarity(signature: np.ndarray, pairs: np.ndarray) -> np.ndarray:
-    """The share of functions on which each pair's signatures agree (an estimate of their Jaccard)."""
-    out = np.empty(len(pairs), np.float64)
-    step = 1 << 15
+def packed_signature(signature: np.ndarray) -> np.ndarray:
+    """Each function's value cut to its lowest ``SCORE_BITS`` bits, eight functions to a 64-bit word.
+
+    Scoring a candidate reads two rows of this table: an eighth of the bytes the full values
+    take (gathering the rows is the cost of scoring), compared a word at a time.
+    """
+    width = -(-signature.shape[1] // 8)
+    low = np.zeros((len(signature), width * 8), np.uint8)
+    low[:, : signature.shape[1]] = (signature & 0xFF).astype(np.uint8)
+    return low.view(np.uint64)
+
+
+def agreement_probability(jaccard: float) -> float:
+    """The probability that a pair at ``jaccard`` agrees on one function's low ``SCORE_BITS`` bits.
+
+    Equal minima agree; different ones (uniform, independent values) still agree on their low
+    bits once in ``2**SCORE_BITS``.
+    """
+    return jaccard + (1.0 - jaccard) / 2**SCORE_BITS
+
+
+def agreeing_functions(packed: np.ndarray, pairs: np.ndarray, functions: int) -> np.ndarray:
+    """For each pair, the number of the first ``functions`` functions on which its packed rows agree."""
+    out = np.empty(len(pairs), np.int64)
+    step = 1 << 16
     for start in range(0, len(pairs), step):
         block = pairs[start : start + step]
         # np.take gathers rows about twice as fast as fancy indexing does.
-        out[start : start + step] = np.count_nonzero(
-            np.take(signature, block[:, 0], axis=0) == np.take(signature, block[:, 1], axis=0), axis=1
-        )
-    return out / signature.shape[1]
+        differ = np.take(packed, block[:, 0], axis=0) ^ np.take(packed, block[:, 1], axis=0)
+        # A byte's high bit ends up set exactly when the byte is zero (the functions agree): its
+        # low seven bits plus 0x7F carry into the high bit unless they are all zero, and no
+        # carry crosses into the next byte.
+        zero = ~(((differ & _LOW7) + _LOW7) | differ | _LOW7)
+        out[start : start + step] = np.bitwise_count(zero).sum(axis=1, dtype=np.int64)
+    # The padding bytes past the last function agree in every pair.
+    return out - (packed.shape[1] * 8 - functions)
 
 
 def exact_jaccard(word_ids: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -235,7 +266,8 @@ def exact_jaccard(word_ids: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) 
         np.repeat(offsets[pairs[:, 0]], sizes) + within,
         np.repeat(offsets[pairs[:, 1]] - left, sizes) + within,
     )
-    keys = np.sort((tags << np.uint64(32)) | word_ids[source].astype(np.uint64))
+    # numpy's stable sort (a radix sort for integers) is several times faster than its default here.
+    keys = np.sort((tags << np.uint64(32)) | word_ids[source].astype(np.uint64), kind="stable")
     shared = keys[1:][keys[1:] == keys[:-1]] >> np.uint64(32)
     intersection = np.bincount(shared.astype(np.int64), minlength=len(pairs))
     return intersection / (sizes - intersection)
@@ -268,17 +300,19 @@ def near_duplicates(
     signature = signatures(word_ids, offsets, seeds[: BANDS * ROWS])
     keys = band_keys(signature)
     functions = signature.shape[1]
-    first_filter = least_agreeing(functions, threshold)
-    second_filter = least_agreeing(functions + REFINE_FUNCTIONS, threshold)
+    packed = packed_signature(signature)
+    del signature
+    first_filter = least_agreeing(functions, agreement_probability(threshold))
+    second_filter = least_agreeing(functions + REFINE_FUNCTIONS, agreement_probability(threshold))
     # The added functions' values, for the texts some candidate has named so far: row
     # ``refined_row[text]`` of ``refined`` (-1: none yet).
     refined_row = np.full(count, -1, np.int64)
-    refined = np.zeros((0, REFINE_FUNCTIONS), np.uint32)
+    refined = np.zeros((0, -(-REFINE_FUNCTIONS // 8)), np.uint64)
     # Pairs verified and found wanting, as (earlier << 32 | later).
     wanting = [np.zeros(0, np.uint64)]
     for band in range(keys.shape[1]):
         pairs = bucket_pairs(keys[:, band], similar_to < 0, heads=heads, window=window)
-        agreeing = np.rint(estimated_similarity(signature, pairs) * functions).astype(np.int64)
+        agreeing = agreeing_functions(packed, pairs, functions)
         promising = agreeing >= first_filter
         pairs, agreeing = pairs[promising], agreeing[promising]
         if not len(pairs):
@@ -288,10 +322,11 @@ def near_duplicates(
         new = np.flatnonzero(named & (refined_row < 0))
         if len(new):
             refined_row[new] = np.arange(len(refined), len(refined) + len(new))
-            refined = np.concatenate([refined, signatures(*_subset(word_ids, offsets, new), seeds[functions:])])
-        agreeing += np.rint(estimated_similarity(refined, refined_row[pairs]) * REFINE_FUNCTIONS).astype(np.int64)
+            added = signatures(*_subset(word_ids, offsets, new), seeds[functions:])
+            refined = np.concatenate([refined, packed_signature(added)])
+        agreeing += agreeing_functions(refined, refined_row[pairs], REFINE_FUNCTIONS)
         pair_keys = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
-        promising = (agreeing >= second_filter) & ~_among(pair_keys, np.sort(np.concatenate(wanting)))
+        promising = (agreeing >= second_filter) & ~_among(pair_keys, np.sort(np.concatenate(wanting), kind="stable"))
         pairs, agreeing, pair_keys = pairs[promising], agreeing[promising], pair_keys[promising]
         if not len(pairs):
             continue
