@@ -289,6 +289,36 @@ def run_pipeline(data_dir: Path, work: Path, *, near_dup: bool) -> dict[str, Any
     }
 
 
+# --- the floor ---------------------------------------------------------------------------------
+
+
+def run_floor(data_dir: Path) -> dict[str, Any]:
+    """DuckDB's own NDJSON reader over the day's objects with the schema declared, and nothing else.
+
+    Every line is parsed and every field typed (lines that do not fit are skipped); nothing is
+    validated, reported, deduplicated or written. No implementation of the stages does less with
+    DuckDB, so its lines per second bound what any of them can reach on this machine.
+    """
+    import duckdb
+
+    from distill_pipeline.core.store import LocalStore
+    from distill_pipeline.logs.schema import SCHEMA_FIELDS
+
+    store = LocalStore(data_dir / "store")
+    paths = [str(data_dir / "store" / key) for key in log_keys(store)]
+    types = {"string": "VARCHAR", "integer": "BIGINT", "number": "DOUBLE", "object": "JSON"}
+    columns = "{" + ", ".join(f"'{spec.name}': '{types[spec.json_type]}'" for spec in SCHEMA_FIELDS) + "}"
+    con = duckdb.connect()
+    timer = StageTimer()
+    with timer.stage("parse"):
+        rows, characters = con.execute(
+            f"SELECT count(*), sum(length(input)) FROM read_json(?, format = 'newline_delimited', "
+            f"columns = {columns}, ignore_errors = true)",
+            [paths],
+        ).fetchone()
+    return {**timer.totals(("parse",)), "peak_rss_mb": peak_rss_mb(), "rows": rows, "characters": characters}
+
+
 # --- the pandas baseline -----------------------------------------------------------------------
 # Written the way a data scientist would: json.loads per line, checks in Python, one DataFrame,
 # drop_duplicates, a per-row .apply of the project's own parse_label, str methods for the
@@ -651,6 +681,7 @@ def report(
     inputs: dict[int, dict[str, Any]],
     results: dict[int, dict[str, dict[str, Any]]],
     same_work: dict[int, list[str]],
+    floors: dict[int, dict[str, Any]],
 ) -> str:
     out = ["# Data-plane benchmark: pipeline vs pandas", "", f"`{command}`", ""]
     out += [
@@ -702,6 +733,26 @@ def report(
                 for s in STAGES
             ]
             out.append(f"| {size:,} | {name} | " + " | ".join(cells) + " |")
+    out += ["", "## The floor: DuckDB's NDJSON reader alone", ""]
+    out += [
+        "Every line parsed and every field typed by `read_json` with the schema declared, counted and "
+        "nothing else: no validation report, no dedup, nothing written. No DuckDB implementation of "
+        "the stages reads faster, so this bounds the lines per second any of them can reach here.",
+        "",
+        "| lines | seconds | CPU s | rows/s | rows per CPU s | the pipeline's rows/s as a share of it |",
+        "|---:|---:|---:|---:|---:|---:|",
+    ]
+    for size, floor in floors.items():
+        if "failed" in floor:
+            out.append(f"| {size:,} | failed: {floor['failed']} | | | | |")
+            continue
+        lines = inputs[size]["lines"]
+        pipeline = results[size].get("pipeline", {})
+        share = f"{floor['seconds'] / pipeline['seconds']:.1%}" if "seconds" in pipeline else "pipeline failed"
+        out.append(
+            f"| {size:,} | {floor['seconds']:.2f} | {floor['cpu_seconds']:.2f} | {lines / floor['seconds']:,.0f} | "
+            f"{lines / floor['cpu_seconds']:,.0f} | {share} |"
+        )
     out += ["", "## Near-duplicate rule: quality on injected pairs (pipeline)", ""]
     out += [
         "| lines | texts compared | near-dup pairs found (recall, 95% CI) | non-near-dup pairs reported "
@@ -747,7 +798,12 @@ def report(
         rate, cpu_rate = inputs[size]["lines"] / run["seconds"], inputs[size]["lines"] / run["cpu_seconds"]
         out.append(
             f"- At least 500k rows/s on 2 cores at {size:,} lines: {rate:,.0f} rows/s wall, "
-            f"{cpu_rate:,.0f} rows per CPU second: {'met' if rate >= 500_000 else 'missed'}."
+            f"{cpu_rate:,.0f} rows per CPU second: {'met' if rate >= 500_000 else 'missed'}"
+            + (
+                f" (DuckDB's NDJSON reader alone: {inputs[size]['lines'] / floors[size]['seconds']:,.0f} rows/s)."
+                if "seconds" in floors.get(size, {})
+                else "."
+            )
         )
     if largest != smallest:
         growth = largest / smallest
@@ -781,7 +837,7 @@ def main() -> None:
     )
     parser.add_argument("--workdir", type=Path, help="where to put the data (default: a temporary directory)")
     parser.add_argument("--output", type=Path, default=RESULTS, help="where to write the markdown report")
-    parser.add_argument("--child", choices=("pipeline", "pandas"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=("pipeline", "pandas", "floor"), help=argparse.SUPPRESS)
     parser.add_argument("--data", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--work", type=Path, help=argparse.SUPPRESS)
     parser.add_argument("--near-dup", action="store_true", help=argparse.SUPPRESS)
@@ -794,6 +850,8 @@ def main() -> None:
     if args.child:
         if args.child == "pipeline":
             result = run_pipeline(args.data, args.work, near_dup=args.near_dup)
+        elif args.child == "floor":
+            result = run_floor(args.data)
         else:
             result = run_pandas(args.data, args.work)
         (args.work / "result.json").write_text(json.dumps(result))
@@ -814,6 +872,7 @@ def main() -> None:
     inputs: dict[int, dict[str, Any]] = {}
     results: dict[int, dict[str, dict[str, Any]]] = {}
     same_work: dict[int, list[str]] = {}
+    floors: dict[int, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="bench_data_plane_", dir=args.workdir) as tmp:
         root = Path(tmp)
         for size in sizes:
@@ -845,8 +904,11 @@ def main() -> None:
                 finished = [run for run in runs if "failed" not in run]
                 results[size][variant.name] = min(finished, key=lambda run: run["seconds"]) if finished else runs[-1]
             same_work[size] = check_same_work(size, results[size])
+            floors[size] = run_child(Variant("floor", "floor"), data_dir, root / f"work_{size}_floor")
+            if "failed" not in floors[size]:
+                print(f"  DuckDB NDJSON reader alone: {floors[size]['seconds']:.2f}s", flush=True)
             shutil.rmtree(data_dir, ignore_errors=True)
-    text = report(command, args.repeat, inputs, results, same_work)
+    text = report(command, args.repeat, inputs, results, same_work, floors)
     print()
     print(text)
     args.output.parent.mkdir(parents=True, exist_ok=True)

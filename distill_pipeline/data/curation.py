@@ -48,7 +48,14 @@ class CurationStats:
 
 
 class Curator:
-    """Runs the rules as SQL updates that mark ``removed_by`` on a working table."""
+    """Runs the rules as SQL over a working table, each removal a row of a narrow ``removed`` table.
+
+    The working table is written once and never updated row by row: a removal is an insert of
+    ``(arrival, rule, detail)``, the normalised texts are a table of their own, and the rows still
+    in play are the working table less the removed arrivals. An update of every row of a wide
+    table keeps its old and new values in memory until it commits, which a memory limit cannot
+    spill; inserts and joins can.
+    """
 
     def __init__(self, label_paths: list[Path], config: CurationConfig, workdir: Path, *, seed: int) -> None:
         self.config = config
@@ -58,9 +65,7 @@ class Curator:
         sources = ", ".join(duck.sql_string(str(p)) for p in label_paths)
         self.con.execute(
             f"""
-            CREATE TABLE work AS
-            SELECT *, NULL::VARCHAR AS removed_by, NULL::VARCHAR AS removed_detail
-            FROM read_parquet([{sources}], union_by_name = true);
+            CREATE TABLE work AS SELECT * FROM read_parquet([{sources}], union_by_name = true);
             -- Arrival order from a sort of the keys alone: a window over the whole rows would
             -- sort every column with them.
             ALTER TABLE work ADD COLUMN arrival BIGINT;
@@ -71,34 +76,35 @@ class Curator:
                 FROM work
             ) AS ranked
             WHERE work.rowid = ranked.row_id;
+            CREATE TABLE removed (arrival BIGINT, rule VARCHAR, detail VARCHAR);
+            CREATE VIEW kept AS SELECT * FROM work WHERE arrival NOT IN (SELECT arrival FROM removed);
             """
         )
-        self.stats.rows_in = self._count("TRUE")
+        self.stats.rows_in = self.con.execute("SELECT count(*) FROM work").fetchone()[0]
 
-    def _count(self, condition: str) -> int:
-        return self.con.execute(f"SELECT count(*) FROM work WHERE {condition}").fetchone()[0]
+    def _removed(self, rule: str) -> int:
+        return self.con.execute("SELECT count(*) FROM removed WHERE rule = ?", [rule]).fetchone()[0]
 
     def _remove(self, rule: str, condition: str, detail: str = "NULL") -> None:
-        """Mark surviving rows matching ``condition`` as removed by ``rule``."""
+        """Remove the rows still in play that match ``condition``, for ``rule``."""
         self.con.execute(
-            f"UPDATE work SET removed_by = {duck.sql_string(rule)}, removed_detail = {detail} "
-            f"WHERE removed_by IS NULL AND ({condition})"
+            f"INSERT INTO removed SELECT arrival, {duck.sql_string(rule)}, {detail} FROM kept WHERE {condition}"
         )
-        self.stats.removed_by_rule[rule] = self._count(f"removed_by = {duck.sql_string(rule)}")
+        self.stats.removed_by_rule[rule] = self._removed(rule)
 
     def run(self) -> CurationStats:
         config = self.config
         # Scrubbing comes first so that no table this stage writes, the removed rows' excerpts
         # included, carries the personal data it was asked to remove.
         if config.scrub_pii:
-            self.stats.pii_scrubbed = pii.scrub_table(self.con, "work", {"input": "removed_by IS NULL"})
+            self.stats.pii_scrubbed = pii.scrub_table(self.con, "work", {"input": "TRUE"})
         self._remove_duplicate_request_ids()
         self._remove("too_short", f"length(trim(input)) < {int(config.min_chars)}", "length(trim(input))::VARCHAR")
         self._remove("too_long", f"length(input) > {int(config.max_chars)}", "length(input)::VARCHAR")
         for name, pattern in config.drop_patterns.items():
             self._remove(f"pattern:{name}", f"regexp_matches(input, {duck.sql_string(pattern)})")
         self.con.execute(
-            f"ALTER TABLE work ADD COLUMN norm VARCHAR; UPDATE work SET norm = {normalised_text_sql('input')}"
+            f"CREATE TEMP TABLE norms AS SELECT arrival, label, {normalised_text_sql('input')} AS norm FROM kept"
         )
         self._remove_exact_duplicates()
         if config.near_duplicate_threshold is not None:
@@ -107,11 +113,9 @@ class Curator:
             self._cap_users(int(config.max_examples_per_user))
         if config.balance_labels:
             self._balance_labels()
-        self.stats.kept = self._count("removed_by IS NULL")
+        self.stats.kept = self.con.execute("SELECT count(*) FROM kept").fetchone()[0]
         self.stats.label_counts = dict(
-            self.con.execute(
-                "SELECT label, count(*) FROM work WHERE removed_by IS NULL GROUP BY 1 ORDER BY 1"
-            ).fetchall()
+            self.con.execute("SELECT label, count(*) FROM kept GROUP BY 1 ORDER BY 1").fetchall()
         )
         return self.stats
 
@@ -134,7 +138,7 @@ class Curator:
             CREATE TEMP TABLE exact_groups AS
             -- Two labels or more is a min unlike the max, at a third of count(DISTINCT)'s cost.
             SELECT norm, min(arrival) AS first_arrival, min(label) <> max(label) AS label_conflict
-            FROM work WHERE removed_by IS NULL GROUP BY norm HAVING count(*) > 1
+            FROM norms GROUP BY norm HAVING count(*) > 1
             """
         )
         self.stats.label_conflicts = self.con.execute(
@@ -142,33 +146,35 @@ class Curator:
         ).fetchone()[0]
         self.con.execute(
             """
-            UPDATE work SET removed_by = 'exact_duplicate',
-                removed_detail = 'same text as arrival #' || g.first_arrival
-            FROM exact_groups g
-            WHERE work.removed_by IS NULL AND work.norm = g.norm AND work.arrival > g.first_arrival
+            INSERT INTO removed
+            SELECT n.arrival, 'exact_duplicate', 'same text as arrival #' || g.first_arrival
+            FROM norms n JOIN exact_groups g ON n.norm = g.norm
+            WHERE n.arrival > g.first_arrival
             """
         )
-        self.stats.removed_by_rule["exact_duplicate"] = self._count("removed_by = 'exact_duplicate'")
+        self.stats.removed_by_rule["exact_duplicate"] = self._removed("exact_duplicate")
 
     def _remove_near_duplicates(self, threshold: float) -> None:
         self.con.execute(
             f"""
             CREATE TEMP TABLE words AS
             SELECT arrival, {word_set_sql("norm")} AS words
-            FROM work WHERE removed_by IS NULL;
+            FROM norms WHERE arrival NOT IN (SELECT arrival FROM removed);
             DELETE FROM words WHERE len(words) < {NEAR_DUPLICATE_MIN_WORDS};
             """
         )
         texts = self.con.sql("SELECT arrival, words FROM words ORDER BY arrival").to_arrow_table()
+        self.con.execute("DROP TABLE words")
         arrivals = texts.column("arrival").to_numpy()
         word_lists = texts.column("words").combine_chunks()
+        del texts
         offsets = word_lists.offsets.to_numpy().astype(np.int64)
         # A word's index in the table's own vocabulary names it for the hash functions.
         word_ids = (
             pc.dictionary_encode(word_lists.values.slice(offsets[0], offsets[-1] - offsets[0]))
             .indices.to_numpy()
-            .astype(np.int64)
         )
+        del word_lists
         similar_to = minhash.near_duplicates(word_ids, offsets - offsets[0], threshold)
         later = np.flatnonzero(similar_to >= 0)
         self.con.register(
@@ -177,14 +183,12 @@ class Curator:
         )
         try:
             self.con.execute(
-                """
-                UPDATE work SET removed_by = 'near_duplicate', removed_detail = 'similar to arrival #' || s.earlier
-                FROM near_duplicate_pairs s WHERE work.removed_by IS NULL AND work.arrival = s.later
-                """
+                "INSERT INTO removed SELECT later, 'near_duplicate', 'similar to arrival #' || earlier "
+                "FROM near_duplicate_pairs"
             )
         finally:
             self.con.unregister("near_duplicate_pairs")
-        self.stats.removed_by_rule["near_duplicate"] = self._count("removed_by = 'near_duplicate'")
+        self.stats.removed_by_rule["near_duplicate"] = self._removed("near_duplicate")
 
     def _cap_users(self, cap: int) -> None:
         self.con.execute(
@@ -192,49 +196,40 @@ class Curator:
             CREATE TEMP TABLE user_rank AS
             SELECT arrival, user_id,
                    row_number() OVER (PARTITION BY user_id ORDER BY {duck.seeded_hash_sql("request_id", self.seed, "user_cap")}) AS rank
-            FROM work WHERE removed_by IS NULL
+            FROM kept
             """
         )
         self.stats.users_capped = self.con.execute(
             f"SELECT count(DISTINCT user_id) FROM user_rank WHERE rank > {cap}"
         ).fetchone()[0]
         self.con.execute(
-            f"""
-            UPDATE work SET removed_by = 'user_cap', removed_detail = 'user over {cap} examples'
-            FROM user_rank r WHERE work.removed_by IS NULL AND work.arrival = r.arrival AND r.rank > {cap}
-            """
+            f"INSERT INTO removed SELECT arrival, 'user_cap', 'user over {cap} examples' FROM user_rank WHERE rank > {cap}"
         )
-        self.stats.removed_by_rule["user_cap"] = self._count("removed_by = 'user_cap'")
+        self.stats.removed_by_rule["user_cap"] = self._removed("user_cap")
 
     def _balance_labels(self) -> None:
         self.con.execute(
             f"""
             CREATE TEMP TABLE label_rank AS
-            WITH kept AS (SELECT arrival, label, request_id FROM work WHERE removed_by IS NULL)
+            WITH still_kept AS (SELECT arrival, label, request_id FROM kept)
             SELECT arrival,
                    row_number() OVER (PARTITION BY label ORDER BY {duck.seeded_hash_sql("request_id", self.seed, "label_balance")}) AS rank,
-                   (SELECT min(n) FROM (SELECT count(*) AS n FROM kept GROUP BY label)) AS rarest
-            FROM kept
+                   (SELECT min(n) FROM (SELECT count(*) AS n FROM still_kept GROUP BY label)) AS rarest
+            FROM still_kept
             """
         )
         self.con.execute(
-            """
-            UPDATE work SET removed_by = 'label_balance', removed_detail = 'label above the rarest label count'
-            FROM label_rank r WHERE work.removed_by IS NULL AND work.arrival = r.arrival AND r.rank > r.rarest
-            """
+            "INSERT INTO removed SELECT arrival, 'label_balance', 'label above the rarest label count' "
+            "FROM label_rank WHERE rank > rarest"
         )
-        self.stats.removed_by_rule["label_balance"] = self._count("removed_by = 'label_balance'")
+        self.stats.removed_by_rule["label_balance"] = self._removed("label_balance")
 
     def write(self, curated_path: Path, removed_path: Path) -> None:
+        duck.copy_to_parquet(self.con, "SELECT * EXCLUDE (arrival) FROM kept ORDER BY arrival", curated_path)
         duck.copy_to_parquet(
             self.con,
-            "SELECT * EXCLUDE (removed_by, removed_detail, arrival, norm) FROM work WHERE removed_by IS NULL ORDER BY arrival",
-            curated_path,
-        )
-        duck.copy_to_parquet(
-            self.con,
-            "SELECT removed_by AS rule, removed_detail AS detail, request_id, user_id, label, "
-            "left(input, 300) AS input_excerpt FROM work WHERE removed_by IS NOT NULL ORDER BY arrival",
+            "SELECT r.rule, r.detail, w.request_id, w.user_id, w.label, left(w.input, 300) AS input_excerpt "
+            "FROM removed r JOIN work w ON w.arrival = r.arrival ORDER BY r.arrival",
             removed_path,
         )
 
