@@ -133,7 +133,7 @@ END)"""
 
 
 def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task) -> None:
-    """A ``logged`` table: every record with the label its logged response gives, or why none."""
+    """A ``logged`` view: every record with the label its logged response gives, or why none."""
     source = f"read_parquet({duck.sql_string(str(records_path))})"
     present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     absent = "".join(f", NULL::VARCHAR AS {name}" for name in SERVING_COLUMNS if name not in present)
@@ -151,10 +151,14 @@ def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task)
         }
     )
     con.register("parsed", parsed)
+    con.execute("CREATE TEMP TABLE parsed_responses AS SELECT * FROM parsed")
+    con.unregister("parsed")
     task_id = duck.sql_string(task.id)
+    # A view, not a table: whoever reads it (the judged table, the teachers' inputs) reads the
+    # records once, where a table would hold a second copy of the day.
     con.execute(
         f"""
-        CREATE TABLE logged AS
+        CREATE VIEW logged AS
         SELECT r.*, p.label AS logged_label, p.parse_method AS logged_method,
             {_logged_soft_sql(task)} AS logged_soft,
             r.task IS NULL OR r.task = {task_id} AS of_task,
@@ -166,10 +170,9 @@ def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task)
                     THEN 'provider error: ' || left({REDACT_FUNCTION}(r.error), {REASON_CHARS})
                 WHEN p.label IS NULL THEN 'unparseable response: ' || coalesce(p.parse_error, 'no response')
             END AS logged_reason
-        FROM records r LEFT JOIN parsed p ON r.response = p.response
+        FROM records r LEFT JOIN parsed_responses p ON r.response = p.response
         """
     )
-    con.unregister("parsed")
 
 
 def _logged_soft_sql(task: Task) -> str:
