@@ -600,3 +600,34 @@ def test_a_number_that_is_not_finite_is_quarantined_with_its_reason(local_store,
     assert [row["request_id"] for row in kept] == ["huge-but-finite"] and kept[0]["latency_ms"] == 1e300
     assert reasons_by_line(quarantined, key) == {2: f"field {field} must be a finite number, not {literal}"}
     assert stats.invalid == 1
+
+
+def test_judging_a_batch_keeps_the_lines_in_order():
+    # The records and quarantine tables are written in the order lines were added, without a
+    # sort: that holds only while judging a batch is a plan of projections, with no join (an
+    # IN list of a few values is planned as one).
+    import duckdb
+
+    from distill_pipeline.data.ingest import _BATCH_SCHEMA, _judged_lines_sql
+
+    con = duckdb.connect()
+    con.register("batch", _BATCH_SCHEMA.empty_table())
+    plan = con.execute(f"EXPLAIN SELECT * FROM ({_judged_lines_sql(DEFAULT_MAX_LINE_BYTES)})").fetchall()[0][1]
+    assert "Join" not in plan and "JOIN" not in plan
+
+
+def test_records_and_quarantine_keep_key_and_line_order(local_store, tmp_path):
+    # Twelve objects judged in batches of several (one Arrow chunk each, scanned in parallel),
+    # and a corrupt object between them that is quarantined whole.
+    keys = []
+    for index in range(12):
+        key = f"logs/dt={DAY}/obj-{index:02d}.jsonl" + (".gz" if index == 5 else "")
+        lines = [line(f"r-{index}-{n}") for n in range(2_000)]
+        lines[17] = "{not json"
+        local_store.put_bytes(key, b"\x1f\x8b not gzip" if index == 5 else jsonl(*lines))
+        keys.append(key)
+    _, kept, quarantined = ingest(local_store, tmp_path, keys)
+    kept_order = [(row["source_key"], row["source_line"]) for row in kept]
+    quarantined_order = [(row["source_key"], row["source_line"]) for row in quarantined]
+    assert len(kept) == 11 * 1_999 and kept_order == sorted(kept_order)
+    assert len(quarantined) == 11 + 1 and quarantined_order == sorted(quarantined_order)

@@ -28,7 +28,9 @@ functions of the buckets; the candidates it keeps are scored again on ``REFINE_F
 lie between the two, and each costs an exact comparison otherwise. Candidates are scored on the
 lowest byte of each function's value, eight functions to a 64-bit word: two different minima
 still agree there once in 256, so a pair at Jaccard ``j`` agrees on a function with probability
-``j + (1 - j) / 256``, and the bound is taken at that probability. The rest are verified with
+``j + (1 - j) / 256``, and the bound is taken at that probability. The rows are scored in each
+band's bucket order (a bucket's members side by side), so the gathers read memory nearly in
+sequence, and the chunks of pairs run on every core. The rest are verified with
 the exact Jaccard of the word sets, so every pair reported reaches the threshold; a pair found
 wanting is not verified again when it shares another band.
 """
@@ -36,6 +38,8 @@ wanting is not verified again when it shares another band.
 from __future__ import annotations
 
 import math
+import os
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -75,6 +79,18 @@ def _mix(x: np.ndarray) -> np.ndarray:
         x = (x ^ (x >> np.uint64(30))) * _M1
         x = (x ^ (x >> np.uint64(27))) * _M2
     return x ^ (x >> np.uint64(31))
+
+
+def _each_chunk(work: Callable[[int], None], total: int, step: int) -> None:
+    """``work(start)`` for each chunk ``start`` of ``range(0, total, step)``, on every core: numpy
+    releases the GIL in the gathers, bitwise operations, sorts and reductions the chunks do."""
+    starts = range(0, total, step)
+    if len(starts) < 2:
+        for start in starts:
+            work(start)
+        return
+    with ThreadPoolExecutor(max_workers=os.cpu_count()) as pool:
+        list(pool.map(work, starts))
 
 
 def function_seeds(count: int = BANDS * ROWS, seed: int = SIGNATURE_SEED) -> np.ndarray:
@@ -123,9 +139,7 @@ def signatures(word_ids: np.ndarray, offsets: np.ndarray, seeds: np.ndarray | No
                 np.minimum(accumulated, values[padded[:, position]], out=accumulated)
             result[rows, columns] = accumulated
 
-        # numpy releases the GIL in gathers and reductions: the chunks use every core.
-        with ThreadPoolExecutor() as pool:
-            list(pool.map(chunk, range(0, count, CHUNK_ROWS)))
+        _each_chunk(chunk, count, CHUNK_ROWS)
     return result
 
 
@@ -195,25 +209,38 @@ def bucket_pairs(
     Rows are in arrival order, so the smaller index is the earlier text. Each later row is paired
     with its bucket's first ``heads`` members and the ``window`` members just before it.
     """
+    order, positions = bucket_positions(keys, active, heads=heads, window=window)
+    return order[positions]
+
+
+def bucket_positions(
+    keys: np.ndarray, active: np.ndarray, *, heads: int = BUCKET_HEADS, window: int = BUCKET_WINDOW
+) -> tuple[np.ndarray, np.ndarray]:
+    """The rows sorted by key (a bucket's members together, in arrival order) and
+    :func:`bucket_pairs`' pairs as positions in that order.
+
+    Rows gathered in this order put a bucket's members side by side: scoring the pairs then
+    reads memory nearly in sequence, where the row indices would jump across the whole day.
+    """
     # Row indices as int32 (a day's texts fit): the pairs are the largest arrays of the rule.
     order = np.argsort(keys, kind="stable").astype(np.int32)
     sorted_keys = keys[order]
     starts = np.ones(len(order), dtype=bool)
     starts[1:] = sorted_keys[1:] != sorted_keys[:-1]
-    positions = np.arange(len(order))
+    positions = np.arange(len(order), dtype=np.int32)
     first = np.maximum.accumulate(np.where(starts, positions, 0))
     place = positions - first
-    later = np.flatnonzero((place >= 1) & active[order])
+    later = np.flatnonzero((place >= 1) & active[order]).astype(np.int32)
     found = []
     for head in range(heads):
         later = later[place[later] > head]
-        found.append(np.stack([order[first[later] + head], order[later]], 1))
-    later = np.flatnonzero((place > heads) & active[order])
+        found.append(np.stack([first[later] + head, later], 1))
+    later = np.flatnonzero((place > heads) & active[order]).astype(np.int32)
     for distance in range(1, window + 1):
         # Members within the heads were paired above.
         later = later[place[later] - distance >= heads]
-        found.append(np.stack([order[later - distance], order[later]], 1))
-    return np.concatenate(found) if found else np.zeros((0, 2), np.int32)
+        found.append(np.stack([later - distance, later], 1))
+    return order, np.concatenate(found) if found else np.zeros((0, 2), np.int32)
 
 
 def packed_signature(signature: np.ndarray) -> np.ndarray:
@@ -241,7 +268,8 @@ def agreeing_functions(packed: np.ndarray, pairs: np.ndarray, functions: int) ->
     """For each pair, the number of the first ``functions`` functions on which its packed rows agree."""
     out = np.empty(len(pairs), np.int64)
     step = 1 << 16
-    for start in range(0, len(pairs), step):
+
+    def chunk(start: int) -> None:
         block = pairs[start : start + step]
         # np.take gathers rows about twice as fast as fancy indexing does.
         differ = np.take(packed, block[:, 0], axis=0) ^ np.take(packed, block[:, 1], axis=0)
@@ -250,6 +278,8 @@ def agreeing_functions(packed: np.ndarray, pairs: np.ndarray, functions: int) ->
         # carry crosses into the next byte.
         zero = ~(((differ & _LOW7) + _LOW7) | differ | _LOW7)
         out[start : start + step] = np.bitwise_count(zero).sum(axis=1, dtype=np.int64)
+
+    _each_chunk(chunk, len(pairs), step)
     # The padding bytes past the last function agree in every pair.
     return out - (packed.shape[1] * 8 - functions)
 
@@ -262,7 +292,8 @@ def exact_jaccard(word_ids: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) 
     taken ``EXACT_CHUNK_PAIRS`` at a time, which bounds the tagged ids to a few MB.
     """
     out = np.empty(len(pairs), np.float64)
-    for start in range(0, len(pairs), EXACT_CHUNK_PAIRS):
+
+    def chunk(start: int) -> None:
         block = pairs[start : start + EXACT_CHUNK_PAIRS]
         # Each pair's two texts, back to back.
         words, bounds = _subset(word_ids, offsets, block.ravel())
@@ -273,6 +304,8 @@ def exact_jaccard(word_ids: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) 
         shared = keys[1:][keys[1:] == keys[:-1]] >> np.uint64(32)
         intersection = np.bincount(shared.astype(np.int64), minlength=len(block))
         out[start : start + EXACT_CHUNK_PAIRS] = intersection / (sizes - intersection)
+
+    _each_chunk(chunk, len(pairs), EXACT_CHUNK_PAIRS)
     return out
 
 
@@ -316,10 +349,11 @@ def near_duplicates(
     # Pairs verified and found wanting, as (earlier << 32 | later).
     wanting = [np.zeros(0, np.uint64)]
     for band in range(keys.shape[1]):
-        pairs = bucket_pairs(keys[:, band], similar_to < 0, heads=heads, window=window)
-        agreeing = agreeing_functions(packed, pairs, functions)
+        order, positions = bucket_positions(keys[:, band], similar_to < 0, heads=heads, window=window)
+        agreeing = agreeing_functions(np.take(packed, order, axis=0), positions, functions)
         promising = agreeing >= first_filter
-        pairs, agreeing = pairs[promising], agreeing[promising]
+        positions, agreeing = positions[promising], agreeing[promising]
+        pairs = order[positions]
         if not len(pairs):
             continue
         named = np.zeros(count, bool)
@@ -329,15 +363,17 @@ def near_duplicates(
             refined_row[new] = np.arange(len(refined), len(refined) + len(new), dtype=np.int32)
             added = signatures(*_subset(word_ids, offsets, new), seeds[functions:])
             refined = np.concatenate([refined, packed_signature(added)])
-        agreeing += agreeing_functions(refined, refined_row[pairs], REFINE_FUNCTIONS)
+        # In the bucket order too (a row not named is never read: every text of a pair is named).
+        by_bucket = np.take(refined, refined_row[order], axis=0)
+        agreeing += agreeing_functions(by_bucket, positions, REFINE_FUNCTIONS)
         pair_keys = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
         promising = (agreeing >= second_filter) & ~_among(pair_keys, np.sort(np.concatenate(wanting), kind="stable"))
         pairs, agreeing, pair_keys = pairs[promising], agreeing[promising], pair_keys[promising]
         if not len(pairs):
             continue
         # Grouped by later text, the most agreeing (then the earliest) candidate first.
-        order = np.lexsort((pairs[:, 0], -agreeing, pairs[:, 1]))
-        pairs, pair_keys = pairs[order], pair_keys[order]
+        ranked = np.lexsort((pairs[:, 0], -agreeing, pairs[:, 1]))
+        pairs, pair_keys = pairs[ranked], pair_keys[ranked]
         group_start = np.ones(len(pairs), dtype=bool)
         group_start[1:] = pairs[1:, 1] != pairs[:-1, 1]
         rank = np.arange(len(pairs)) - np.maximum.accumulate(np.where(group_start, np.arange(len(pairs)), 0))
