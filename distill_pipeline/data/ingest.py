@@ -17,7 +17,9 @@ from __future__ import annotations
 
 import codecs
 import zlib
-from collections.abc import Callable, Iterable
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -539,14 +541,32 @@ def ingest_objects(
 ) -> IngestStats:
     """Validate the log objects at ``keys`` into a records table and a quarantine table."""
     ingestor = Ingestor(workdir, max_line_bytes=max_line_bytes, max_object_bytes=max_object_bytes)
-    for key in sorted(keys):
-        try:
-            # Capped here too, so that an oversized object is never taken into memory.
-            data = store.get_bytes(key, max_bytes=max_object_bytes)
-        except UnsafeKey as exc:
-            ingestor.reject_object(key, f"object not read: {exc.why}")
-        except ObjectTooLarge:
-            ingestor.reject_object(key, _too_large(max_object_bytes))
-        else:
-            ingestor.add_object(key, data)
+    with ThreadPoolExecutor(max_workers=1) as reader:
+        for key, read in _read_ahead(reader, store, sorted(keys), max_object_bytes):
+            try:
+                data = read.result()
+            except UnsafeKey as exc:
+                ingestor.reject_object(key, f"object not read: {exc.why}")
+            except ObjectTooLarge:
+                ingestor.reject_object(key, _too_large(max_object_bytes))
+            else:
+                ingestor.add_object(key, data)
     return ingestor.finish(records_path, quarantine_path, scrub_pii=scrub_pii)
+
+
+#: Objects read ahead of the one being validated: the next download (or file read) runs while
+#: DuckDB judges the lines before it, and at most this many objects more are held in memory.
+READ_AHEAD = 2
+
+
+def _read_ahead(
+    reader: ThreadPoolExecutor, store: ObjectStore, keys: list[str], max_object_bytes: int
+) -> Iterator[tuple[str, Future[bytes]]]:
+    """Each key with the future of its bytes, in order, ``READ_AHEAD`` reads started ahead."""
+    started: deque[tuple[str, Future[bytes]]] = deque()
+    for key in keys:
+        # Capped here too, so that an oversized object is never taken into memory.
+        started.append((key, reader.submit(store.get_bytes, key, max_bytes=max_object_bytes)))
+        if len(started) > READ_AHEAD:
+            yield started.popleft()
+    yield from started
