@@ -211,11 +211,10 @@ class Curator:
         self.con.execute(
             f"""
             CREATE TEMP TABLE label_rank AS
-            WITH still_kept AS (SELECT arrival, label, request_id FROM kept)
             SELECT arrival,
                    row_number() OVER (PARTITION BY label ORDER BY {duck.seeded_hash_sql("request_id", self.seed, "label_balance")}) AS rank,
-                   (SELECT min(n) FROM (SELECT count(*) AS n FROM still_kept GROUP BY label)) AS rarest
-            FROM still_kept
+                   (SELECT min(n) FROM (SELECT count(*) AS n FROM kept GROUP BY label)) AS rarest
+            FROM kept
             """
         )
         self.con.execute(

@@ -201,26 +201,17 @@ def band_keys(signature: np.ndarray, bands: int = BANDS, rows: int = ROWS) -> np
     return key
 
 
-def bucket_pairs(
-    keys: np.ndarray, active: np.ndarray, *, heads: int = BUCKET_HEADS, window: int = BUCKET_WINDOW
-) -> np.ndarray:
-    """Pairs (earlier, later) of row indices sharing a key, for the ``active`` later rows.
-
-    Rows are in arrival order, so the smaller index is the earlier text. Each later row is paired
-    with its bucket's first ``heads`` members and the ``window`` members just before it.
-    """
-    order, positions = bucket_positions(keys, active, heads=heads, window=window)
-    return order[positions]
-
-
 def bucket_positions(
     keys: np.ndarray, active: np.ndarray, *, heads: int = BUCKET_HEADS, window: int = BUCKET_WINDOW
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The rows sorted by key (a bucket's members together, in arrival order) and
-    :func:`bucket_pairs`' pairs as positions in that order.
+    """Pairs (earlier, later) of rows sharing a key, for the ``active`` later rows, as positions in
+    the rows sorted by key; returns that order too (``order[positions]`` are the row indices).
 
-    Rows gathered in this order put a bucket's members side by side: scoring the pairs then
-    reads memory nearly in sequence, where the row indices would jump across the whole day.
+    Rows are in arrival order, so the smaller index is the earlier text, and a stable sort keeps
+    a bucket's members in arrival order. Each later row is paired with its bucket's first
+    ``heads`` members and the ``window`` members just before it. Rows gathered in this order put
+    a bucket's members side by side: scoring the pairs then reads memory nearly in sequence,
+    where the row indices would jump across the whole day.
     """
     # Row indices as int32 (a day's texts fit): the pairs are the largest arrays of the rule.
     order = np.argsort(keys, kind="stable").astype(np.int32)
