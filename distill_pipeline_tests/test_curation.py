@@ -450,3 +450,6 @@ def test_signatures_are_the_same_whether_hashed_per_word_or_per_occurrence():
             minhash._mix(np.array(words, np.uint64)[:, None] ^ minhash.function_seeds()[None, :]) >> np.uint64(32)
         ).min(axis=0)
         assert np.array_equal(few[row], expected.astype(np.uint32))
+    # The low bytes alone, for scoring, are those of the full values.
+    low = minhash.signatures(ids, offsets, low_bytes=True)
+    assert low.dtype == np.uint8 and np.array_equal(low, few & 0xFF)

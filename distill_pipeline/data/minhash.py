@@ -97,17 +97,21 @@ def function_seeds(count: int = BANDS * ROWS, seed: int = SIGNATURE_SEED) -> np.
     return np.random.default_rng(seed).integers(0, 2**64, size=count, dtype=np.uint64)
 
 
-def signatures(word_ids: np.ndarray, offsets: np.ndarray, seeds: np.ndarray | None = None) -> np.ndarray:
+def signatures(
+    word_ids: np.ndarray, offsets: np.ndarray, seeds: np.ndarray | None = None, *, low_bytes: bool = False
+) -> np.ndarray:
     """The MinHash signature (uint32, one column per function) of each text.
 
     ``word_ids`` holds every text's distinct word ids (a word's index in a vocabulary) back to
-    back; text ``i``'s are ``word_ids[offsets[i]:offsets[i + 1]]``, and no text is empty.
+    back; text ``i``'s are ``word_ids[offsets[i]:offsets[i + 1]]``, and no text is empty. With
+    ``low_bytes``, only each value's lowest byte (uint8), all that scoring reads
+    (``packed_signature``), in a quarter of the memory.
     """
     seeds = function_seeds() if seeds is None else seeds
     count = len(offsets) - 1
     lengths = np.diff(offsets)
     if count == 0:
-        return np.zeros((0, len(seeds)), np.uint32)
+        return np.zeros((0, len(seeds)), np.uint8 if low_bytes else np.uint32)
     if lengths.min() <= 0:
         raise ValueError("every text needs at least one word for a signature")
     # The functions are evaluated once per word of the vocabulary, or once per occurrence when
@@ -117,7 +121,7 @@ def signatures(word_ids: np.ndarray, offsets: np.ndarray, seeds: np.ndarray | No
     hashed = word_ids.astype(np.uint64) if per_occurrence else np.arange(vocabulary_size, dtype=np.uint64)
     # The row after the last pads short texts: no function's value is above it.
     padding = len(hashed)
-    result = np.empty((count, len(seeds)), np.uint32)
+    result = np.empty((count, len(seeds)), np.uint8 if low_bytes else np.uint32)
     # Texts of similar length are padded together to a common width: a gather and a min over a
     # dense block is several times faster than numpy's reduceat over ragged segments.
     by_length = np.argsort(lengths, kind="stable")
@@ -137,7 +141,7 @@ def signatures(word_ids: np.ndarray, offsets: np.ndarray, seeds: np.ndarray | No
             accumulated = values[padded[:, 0]]
             for position in range(1, width):
                 np.minimum(accumulated, values[padded[:, position]], out=accumulated)
-            result[rows, columns] = accumulated
+            result[rows, columns] = (accumulated & 0xFF).astype(np.uint8) if low_bytes else accumulated
 
         _each_chunk(chunk, count, CHUNK_ROWS)
     return result
@@ -191,14 +195,28 @@ def _among(keys: np.ndarray, sorted_keys: np.ndarray) -> np.ndarray:
 
 
 def band_keys(signature: np.ndarray, bands: int = BANDS, rows: int = ROWS) -> np.ndarray:
-    """One 64-bit key per text and band (texts x bands) from the band's ``rows`` values."""
+    """One 64-bit key per text and band (texts x bands) from the band's ``rows`` values.
+
+    Two 32-bit values fill one 64-bit word without loss, so a band of four is two mixes of the
+    running key, in chunks of texts on every core.
+    """
     if signature.shape[1] != bands * rows:
         raise ValueError(f"a signature of {signature.shape[1]} values is not {bands} bands of {rows}")
-    wide = signature.astype(np.uint64).reshape(len(signature), bands, rows)
-    key = np.zeros((len(signature), bands), np.uint64)
-    for row in range(rows):
-        key = _mix(key ^ wide[:, :, row] ^ np.uint64(row + 1))
-    return key
+    wide = signature.reshape(len(signature), bands, rows)
+    keys = np.empty((len(signature), bands), np.uint64)
+
+    def chunk(start: int) -> None:
+        block = wide[start : start + CHUNK_ROWS * 8].astype(np.uint64)
+        key = np.zeros(block.shape[:2], np.uint64)
+        for row in range(0, rows, 2):
+            word = block[:, :, row] << np.uint64(32)
+            if row + 1 < rows:
+                word |= block[:, :, row + 1]
+            key = _mix(key ^ word ^ np.uint64(row + 1))
+        keys[start : start + CHUNK_ROWS * 8] = key
+
+    _each_chunk(chunk, len(signature), CHUNK_ROWS * 8)
+    return keys
 
 
 def bucket_positions(
@@ -221,17 +239,30 @@ def bucket_positions(
     positions = np.arange(len(order), dtype=np.int32)
     first = np.maximum.accumulate(np.where(starts, positions, 0))
     place = positions - first
+    # The later members paired with each head, then with each distance back.
+    heads_of, window_of = [], []
     later = np.flatnonzero((place >= 1) & active[order]).astype(np.int32)
-    found = []
     for head in range(heads):
         later = later[place[later] > head]
-        found.append(np.stack([first[later] + head, later], 1))
+        heads_of.append(later)
     later = np.flatnonzero((place > heads) & active[order]).astype(np.int32)
     for distance in range(1, window + 1):
         # Members within the heads were paired above.
         later = later[place[later] - distance >= heads]
-        found.append(np.stack([later - distance, later], 1))
-    return order, np.concatenate(found) if found else np.zeros((0, 2), np.int32)
+        window_of.append(later)
+    # Written in place: the pairs are the largest array of a band, and a list of pieces joined
+    # at the end would hold them twice.
+    pairs = np.empty((sum(map(len, heads_of + window_of)), 2), np.int32)
+    filled = 0
+    for head, members in enumerate(heads_of):
+        pairs[filled : filled + len(members), 0] = first[members] + head
+        pairs[filled : filled + len(members), 1] = members
+        filled += len(members)
+    for distance, members in enumerate(window_of, start=1):
+        pairs[filled : filled + len(members), 0] = members - distance
+        pairs[filled : filled + len(members), 1] = members
+        filled += len(members)
+    return order, pairs
 
 
 def packed_signature(signature: np.ndarray) -> np.ndarray:
@@ -257,7 +288,8 @@ def agreement_probability(jaccard: float) -> float:
 
 def agreeing_functions(packed: np.ndarray, pairs: np.ndarray, functions: int) -> np.ndarray:
     """For each pair, the number of the first ``functions`` functions on which its packed rows agree."""
-    out = np.empty(len(pairs), np.int64)
+    # At most 255 functions, so a count fits a byte; int16 leaves room to add and to negate.
+    out = np.empty(len(pairs), np.int16)
     step = 1 << 16
 
     def chunk(start: int) -> None:
@@ -268,7 +300,7 @@ def agreeing_functions(packed: np.ndarray, pairs: np.ndarray, functions: int) ->
         # low seven bits plus 0x7F carry into the high bit unless they are all zero, and no
         # carry crosses into the next byte.
         zero = ~(((differ & _LOW7) + _LOW7) | differ | _LOW7)
-        out[start : start + step] = np.bitwise_count(zero).sum(axis=1, dtype=np.int64)
+        out[start : start + step] = np.bitwise_count(zero).sum(axis=1, dtype=np.int16)
 
     _each_chunk(chunk, len(pairs), step)
     # The padding bytes past the last function agree in every pair.
@@ -321,10 +353,11 @@ def near_duplicates(
     similar_to = np.full(count, -1, np.int64)
     if count < 2:
         return similar_to
-    if word_ids.max(initial=0) >= 2**32 or count >= 2**31:
-        raise ValueError("word ids must fit in 32 bits, and text indices in 31")
-    # Gathered by every signature and exact check: half the bytes of int64.
-    word_ids = word_ids.astype(np.uint32, copy=False)
+    if word_ids.min(initial=0) < 0 or word_ids.max(initial=0) >= 2**32 or count >= 2**31:
+        raise ValueError("word ids must be non-negative and fit in 32 bits, and text indices in 31")
+    # Gathered by every signature and exact check: half the bytes of int64. Non-negative int32
+    # ids (Arrow's dictionary indices) are the same bits: viewed, not copied.
+    word_ids = word_ids.view(np.uint32) if word_ids.dtype == np.int32 else word_ids.astype(np.uint32, copy=False)
     seeds = function_seeds(BANDS * ROWS + REFINE_FUNCTIONS)
     signature = signatures(word_ids, offsets, seeds[: BANDS * ROWS])
     keys = band_keys(signature)
@@ -333,10 +366,9 @@ def near_duplicates(
     del signature
     first_filter = least_agreeing(functions, agreement_probability(threshold))
     second_filter = least_agreeing(functions + REFINE_FUNCTIONS, agreement_probability(threshold))
-    # The added functions' values, for the texts some candidate has named so far: row
-    # ``refined_row[text]`` of ``refined`` (-1: none yet).
-    refined_row = np.full(count, -1, np.int32)
-    refined = np.zeros((0, -(-REFINE_FUNCTIONS // 8)), np.uint64)
+    # The added functions' values, filled in for the texts some candidate has named so far.
+    refined = np.zeros((count, -(-REFINE_FUNCTIONS // 8)), np.uint64)
+    is_refined = np.zeros(count, bool)
     # Pairs verified and found wanting, as (earlier << 32 | later).
     wanting = [np.zeros(0, np.uint64)]
     for band in range(keys.shape[1]):
@@ -349,17 +381,20 @@ def near_duplicates(
             continue
         named = np.zeros(count, bool)
         named[pairs.ravel()] = True
-        new = np.flatnonzero(named & (refined_row < 0))
+        new = np.flatnonzero(named & ~is_refined)
         if len(new):
-            refined_row[new] = np.arange(len(refined), len(refined) + len(new), dtype=np.int32)
-            added = signatures(*_subset(word_ids, offsets, new), seeds[functions:])
-            refined = np.concatenate([refined, packed_signature(added)])
+            added = signatures(*_subset(word_ids, offsets, new), seeds[functions:], low_bytes=True)
+            refined[new] = packed_signature(added)
+            is_refined[new] = True
         # In the bucket order too (a row not named is never read: every text of a pair is named).
-        by_bucket = np.take(refined, refined_row[order], axis=0)
+        by_bucket = np.take(refined, order, axis=0)
         agreeing += agreeing_functions(by_bucket, positions, REFINE_FUNCTIONS)
+        promising = agreeing >= second_filter
+        pairs, agreeing = pairs[promising], agreeing[promising]
         pair_keys = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
-        promising = (agreeing >= second_filter) & ~_among(pair_keys, np.sort(np.concatenate(wanting), kind="stable"))
-        pairs, agreeing, pair_keys = pairs[promising], agreeing[promising], pair_keys[promising]
+        # Looked up only for the pairs both filters kept: the memo is searched for a few.
+        fresh = ~_among(pair_keys, np.sort(np.concatenate(wanting), kind="stable"))
+        pairs, agreeing, pair_keys = pairs[fresh], agreeing[fresh], pair_keys[fresh]
         if not len(pairs):
             continue
         # Grouped by later text, the most agreeing (then the earliest) candidate first.
