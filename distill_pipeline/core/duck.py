@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import duckdb
@@ -11,6 +13,8 @@ from distill_pipeline.core import normalise
 
 #: DuckDB's share of memory; larger inputs spill to the temp directory instead of growing RSS.
 DEFAULT_MEMORY_LIMIT = os.environ.get("DISTILL_DUCKDB_MEMORY_LIMIT", "2GB")
+#: DuckDB's memory while a stage computes outside it (see ``set_aside``).
+SET_ASIDE_MEMORY_LIMIT = "128MB"
 
 
 def connect(workdir: Path | None = None, *, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> duckdb.DuckDBPyConnection:
@@ -30,6 +34,23 @@ def connect(workdir: Path | None = None, *, memory_limit: str = DEFAULT_MEMORY_L
     con.execute("SET preserve_insertion_order = true")
     normalise.register(con)
     return con
+
+
+@contextmanager
+def set_aside(con: duckdb.DuckDBPyConnection, *, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> Iterator[None]:
+    """DuckDB held to ``SET_ASIDE_MEMORY_LIMIT`` for the block, then given ``memory_limit`` back.
+
+    For a stage that leaves DuckDB idle while numpy works on what it fetched: DuckDB keeps its
+    buffers up to its limit whether or not it uses them, so without this the two would need the
+    sum of their memories. Lowered, DuckDB writes its tables' blocks to the temp directory and
+    reads them back when next asked. (The setting reads back rounded, ``1.8 GiB`` for 2GB, so
+    the limit to restore is the caller's, not the one read.)
+    """
+    con.execute(f"SET memory_limit = '{SET_ASIDE_MEMORY_LIMIT}'")
+    try:
+        yield
+    finally:
+        con.execute(f"SET memory_limit = {sql_string(memory_limit)}")
 
 
 def sql_string(value: str) -> str:

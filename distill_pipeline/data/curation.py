@@ -60,7 +60,8 @@ class Curator:
     def __init__(self, label_paths: list[Path], config: CurationConfig, workdir: Path, *, seed: int) -> None:
         self.config = config
         self.seed = seed
-        self.con = duck.connect(workdir)
+        self.memory_limit = duck.DEFAULT_MEMORY_LIMIT
+        self.con = duck.connect(workdir, memory_limit=self.memory_limit)
         self.stats = CurationStats()
         sources = ", ".join(duck.sql_string(str(p)) for p in label_paths)
         self.con.execute(
@@ -175,7 +176,8 @@ class Curator:
             .indices.to_numpy()
         )
         del word_lists
-        similar_to = minhash.near_duplicates(word_ids, offsets - offsets[0], threshold)
+        with duck.set_aside(self.con, memory_limit=self.memory_limit):
+            similar_to = minhash.near_duplicates(word_ids, offsets - offsets[0], threshold)
         later = np.flatnonzero(similar_to >= 0)
         self.con.register(
             "near_duplicate_pairs",
