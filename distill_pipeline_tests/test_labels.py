@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -189,6 +190,37 @@ def test_each_distinct_response_is_parsed_once(tmp_path, monkeypatch):
         "record of another task: other": 5,
     }
     assert stats.parse_rate == pytest.approx(300 / 400)
+
+
+def test_labels_keep_the_records_order_without_a_join_or_a_sort(tmp_path):
+    # Rows come out in the records' order (raw_logs writes them by source key and line), which
+    # holds only while the plan has neither a join (it reorders rows) nor a sort (it copies the day).
+    rows = [r(f"r{i:05d}", ['{"is_bad": 1}', "no idea", '{"is_bad": 0}'][i % 3]) for i in range(30_000)]
+    rows += [r(f"e{i:05d}", None, error="RateLimitError") for i in range(500)]
+    rows = [{**row, "source_line": line} for line, row in enumerate(rows, start=1)]
+    _, labelled, quarantined = run(tmp_path, rows)
+    for out in (labelled, quarantined):
+        lines = [row["source_line"] for row in out]
+        assert lines == sorted(lines)
+    con = labels_module._connect(tmp_path / "plan")
+    labels_module._logged_view(con, tmp_path / "records.parquet", TOXICITY)
+    plan = con.execute("EXPLAIN SELECT * FROM logged WHERE logged_reason IS NULL").fetchall()[0][1]
+    assert "JOIN" not in plan.upper() and "ORDER" not in plan.upper()
+
+
+def test_the_parse_lookup_tells_responses_with_one_hash_apart():
+    # Forced collisions: every response hashed to one of two values. The text decides.
+    responses = ['{"is_bad": 1}', '{"is_bad": 0}', "no idea", "Toxic."]
+    results = parsing.parse_responses(responses, TOXICITY.label)
+    lookup = labels_module._ParseLookup(responses, np.array([7, 7, 9, 7], np.uint64), results)
+    asked = ["Toxic.", None, '{"is_bad": 0}', "no idea", '{"is_bad": 1}', "Toxic."]
+    hashes = pa.array([7 if text != "no idea" else 9 for text in asked], pa.uint64())
+    parses = lookup(hashes, pa.array(asked, pa.string())).to_pylist()
+    expected = {text: result for text, result in zip(responses, results, strict=True)}
+    assert parses[1] is None
+    for text, parse in zip(asked, parses, strict=True):
+        if text is not None:
+            assert (parse["label"], parse["parse_method"]) == (expected[text].label, expected[text].method)
 
 
 def test_labels_follow_the_task(tmp_path):

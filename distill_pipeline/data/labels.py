@@ -8,10 +8,12 @@ student's own answer (the record's ``student`` object) never becomes one, and a 
 served alone is neither a teacher failure nor a parse failure. In the teacher modes a row's label comes instead from the
 verdict of one or more configured teachers (``relabel.py`` asks them): for every row of the task
 (``relabel``), or only where the logged response gave none (``fill``). Responses repeat heavily (a classifier teacher answers in a
-handful of shapes), so each distinct response text is parsed once and joined back in DuckDB.
+handful of shapes), so each distinct response text is parsed once, and each record finds its
+parse through a DuckDB function of its response: no join, so in the logged mode the day streams
+from the records to the labels in its order, without a copy or a sort.
 
 Reasons and response excerpts quote what providers said, so they are redacted
-(:func:`~distill_pipeline.core.secrets.redact`) where they are written: a key a provider or proxy
+(:func:`~distill_pipeline.core.secrets.redact`) where they are formed: a key a provider or proxy
 echoed never reaches the quarantine table, the review table, the stats or the manifest.
 """
 
@@ -22,12 +24,14 @@ from pathlib import Path
 from typing import Literal
 
 import duckdb
+import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 
 from distill_pipeline.core import duck
 from distill_pipeline.core.secrets import redact_all
 from distill_pipeline.core.task import Task
-from distill_pipeline.data.parsing import parse_responses
+from distill_pipeline.data.parsing import ParseResult, parse_responses
 
 LABEL_COLUMNS = (
     "request_id",
@@ -107,6 +111,8 @@ STUDENT_SERVED_REASON = "no teacher answer (student-served)"
 SERVING_COLUMNS = ("served_by", "call_kind", "student", "label_distribution")
 LABEL_MODES: tuple[LabelMode, ...] = ("logged", "relabel", "fill")
 REDACT_FUNCTION = "redact_secrets"
+#: A logged response's parse (see ``_ParseLookup``), registered where the ``logged`` view is made.
+PARSE_FUNCTION = "logged_parse"
 
 
 def _redact_column(texts: pa.Array) -> pa.Array:
@@ -134,45 +140,90 @@ END)"""
 
 def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task) -> None:
     """A ``logged`` view: every record with the label its logged response gives, or why none."""
-    source = f"read_parquet({duck.sql_string(str(records_path))})"
+    path = duck.sql_string(str(records_path))
+    source = f"read_parquet({path})"
     present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     absent = "".join(f", NULL::VARCHAR AS {name}" for name in SERVING_COLUMNS if name not in present)
     con.execute(f"CREATE VIEW records AS SELECT *{absent} FROM {source}")
-    responses = [
-        row[0] for row in con.execute("SELECT DISTINCT response FROM records WHERE response IS NOT NULL").fetchall()
-    ]
-    results = parse_responses(responses, task.label)
-    parsed = pa.table(
-        {
-            "response": pa.array(responses, pa.string()),
-            "label": pa.array([r.label for r in results], pa.int64()),
-            "parse_method": pa.array([r.method for r in results], pa.string()),
-            "parse_error": pa.array([r.error for r in results], pa.string()),
-        }
+    distinct = con.execute(
+        "SELECT response, hash(response) FROM records WHERE response IS NOT NULL GROUP BY response"
+    ).fetchall()
+    responses = [row[0] for row in distinct]
+    lookup = _ParseLookup(responses, np.array([row[1] for row in distinct], np.uint64), parse_responses(responses, task.label))
+    con.create_function(
+        PARSE_FUNCTION,
+        lookup,
+        [duckdb.sqltypes.UBIGINT, duckdb.sqltypes.VARCHAR],
+        _PARSE_TYPE,
+        type="arrow",
+        null_handling="special",
+        side_effects=False,
     )
-    con.register("parsed", parsed)
-    con.execute("CREATE TEMP TABLE parsed_responses AS SELECT * FROM parsed")
-    con.unregister("parsed")
     task_id = duck.sql_string(task.id)
-    # A view, not a table: whoever reads it (the judged table, the teachers' inputs) reads the
-    # records once, where a table would hold a second copy of the day.
+    # A view, not a table: whoever reads it (the judged rows, the teachers' inputs) reads the
+    # records once, where a table would hold a second copy of the day. Each record's parse is a
+    # function of its response (no join), so the view keeps the records' order and runs on every
+    # core. Every reason that may quote a provider or a writer (a task name, an error, an answer)
+    # is redacted where it is formed.
     con.execute(
         f"""
         CREATE VIEW logged AS
-        SELECT r.*, p.label AS logged_label, p.parse_method AS logged_method,
+        SELECT r.* EXCLUDE (parse), r.parse.label AS logged_label, r.parse.parse_method AS logged_method,
             {_logged_soft_sql(task)} AS logged_soft,
             r.task IS NULL OR r.task = {task_id} AS of_task,
             {_STUDENT_SERVED_SQL} AS student_served,
             CASE
-                WHEN r.task IS NOT NULL AND r.task <> {task_id} THEN 'record of another task: ' || left(r.task, 40)
+                WHEN r.task IS NOT NULL AND r.task <> {task_id}
+                    THEN 'record of another task: ' || {REDACT_FUNCTION}(left(r.task, 40))
                 WHEN {_STUDENT_SERVED_SQL} THEN '{STUDENT_SERVED_REASON}'
                 WHEN r.error IS NOT NULL AND r.response IS NULL
                     THEN 'provider error: ' || left({REDACT_FUNCTION}(r.error), {REASON_CHARS})
-                WHEN p.label IS NULL THEN 'unparseable response: ' || coalesce(p.parse_error, 'no response')
+                WHEN r.parse.label IS NULL THEN 'unparseable response: ' || coalesce(r.parse.parse_error, 'no response')
             END AS logged_reason
-        FROM records r LEFT JOIN parsed_responses p ON r.response = p.response
+        FROM (SELECT *, {PARSE_FUNCTION}(hash(response), response) AS parse FROM records) r
         """
     )
+
+
+_PARSE_TYPE = duckdb.struct_type(
+    {"label": duckdb.sqltypes.BIGINT, "parse_method": duckdb.sqltypes.VARCHAR, "parse_error": duckdb.sqltypes.VARCHAR}
+)
+
+
+class _ParseLookup:
+    """The parse of each response, as a DuckDB function of ``(hash(response), response)``.
+
+    Found by binary search of the distinct responses' hashes and confirmed by comparing the text,
+    so two responses with one hash (once in about 2**64 / n**2 days) still get their own parse:
+    the few rows not confirmed are looked up by text. A function keeps the records in their order
+    and runs on every core, where a join with a table of parses would reorder the day (and
+    sorting it back costs more than the parsing).
+    """
+
+    def __init__(self, responses: list[str], hashes: np.ndarray, results: list[ParseResult]) -> None:
+        order = np.argsort(hashes, kind="stable")
+        self.hashes = hashes[order]
+        self.responses = pa.array(responses, pa.string()).take(pa.array(order))
+        self.position = {response: index for index, response in enumerate(self.responses.to_pylist())}
+        self.parses = pa.StructArray.from_arrays(
+            [
+                pa.array([results[i].label for i in order], pa.int64()),
+                pa.array([results[i].method for i in order], pa.string()),
+                # A parser may quote the answer it could not read: redacted once per distinct response.
+                pa.array(redact_all([results[i].error for i in order]), pa.string()),
+            ],
+            names=["label", "parse_method", "parse_error"],
+        )
+
+    def __call__(self, hashes: pa.Array, responses: pa.Array) -> pa.Array:
+        missing = responses.is_null().to_numpy(zero_copy_only=False)
+        if not len(self.hashes):
+            return pa.nulls(len(responses), self.parses.type)
+        index = np.minimum(np.searchsorted(self.hashes, hashes.to_numpy(zero_copy_only=False)), len(self.hashes) - 1)
+        confirmed = pc.fill_null(pc.equal(self.responses.take(pa.array(index)), responses), False)
+        for row in np.flatnonzero(~confirmed.to_numpy(zero_copy_only=False) & ~missing):
+            index[row] = self.position[responses[int(row)].as_py()]
+        return self.parses.take(pa.array(index, mask=missing))
 
 
 def _logged_soft_sql(task: Task) -> str:
@@ -262,17 +313,22 @@ def label_records(
     try:
         _logged_view(con, records_path, task)
         if mode == "logged":
+            # A view over the records in their order (raw_logs writes them by source key and line),
+            # so that the day is neither copied nor sorted: the outputs keep that order.
             con.execute(
-                "CREATE TABLE judged AS SELECT * EXCLUDE (logged_label, logged_method, logged_reason, of_task, logged_soft), "
+                "CREATE VIEW judged AS SELECT * EXCLUDE (logged_label, logged_method, logged_reason, of_task, logged_soft), "
                 "'logged' AS label_source, logged_soft AS soft_label, "
                 "logged_label AS label, logged_method AS parse_method, logged_reason AS reason, "
                 "response IS NOT NULL AND (logged_reason IS NULL OR logged_reason LIKE 'unparseable%') AS answered "
                 "FROM logged"
             )
             columns = ", ".join(LABEL_COLUMNS)
+            in_order = ""
         else:
             _judge_with_verdicts(con, verdicts, mode)
             columns = ", ".join(LABEL_COLUMNS + TEACHER_COLUMNS)
+            # The join with the verdicts does not keep the records' order.
+            in_order = " ORDER BY source_key, source_line"
             if review_path is not None:
                 duck.copy_to_parquet(
                     con,
@@ -282,45 +338,15 @@ def label_records(
                     "ORDER BY teacher_agreement, source_key, source_line",
                     review_path,
                 )
-        # A reason may quote a provider (its error, a parser quoting its answer): redacted here, before
-        # the quarantine table, the stats and the manifest take it (a logged error also before it is
-        # cut short, so that no key is cut where its pattern no longer matches).
-        con.execute(f"UPDATE judged SET reason = {REDACT_FUNCTION}(reason) WHERE reason IS NOT NULL")
-        duck.copy_to_parquet(
-            con, f"SELECT {columns} FROM judged WHERE reason IS NULL ORDER BY source_key, source_line", labels_path
-        )
+        duck.copy_to_parquet(con, f"SELECT {columns} FROM judged WHERE reason IS NULL{in_order}", labels_path)
         duck.copy_to_parquet(
             con,
             "SELECT request_id, source_key, source_line, reason, model, prompt_template_id, "
             f"left({REDACT_FUNCTION}(response), 300) AS response_excerpt, left(input, 300) AS input_excerpt "
-            "FROM judged WHERE reason IS NOT NULL ORDER BY source_key, source_line",
+            f"FROM judged WHERE reason IS NOT NULL{in_order}",
             quarantine_path,
         )
-        stats = LabelStats()
-        stats.rows_in = con.execute("SELECT count(*) FROM judged").fetchone()[0]
-        stats.with_response = con.execute("SELECT count(*) FROM judged WHERE answered").fetchone()[0]
-        stats.student_served, stats.student_served_filled = con.execute(
-            f"SELECT count(*) FILTER (WHERE reason = '{STUDENT_SERVED_REASON}'), "
-            "count(*) FILTER (WHERE student_served AND reason IS NULL AND label_source = 'teacher') FROM judged"
-        ).fetchone()
-        if mode != "logged":
-            stats.to_teachers, stats.teacher_failures = con.execute(
-                "SELECT count(*), count(*) FILTER (WHERE NOT coalesce(answered, false)) "
-                "FROM judged WHERE label_source = 'teacher'"
-            ).fetchone()
-        stats.reasons = dict(
-            con.execute(
-                "SELECT reason, count(*) FROM judged WHERE reason IS NOT NULL GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall()
-        )
-        stats.label_counts = dict(
-            con.execute("SELECT label, count(*) FROM judged WHERE reason IS NULL GROUP BY 1 ORDER BY 1").fetchall()
-        )
-        stats.methods = dict(
-            con.execute(
-                "SELECT parse_method, count(*) FROM judged WHERE reason IS NULL GROUP BY 1 ORDER BY 2 DESC"
-            ).fetchall()
-        )
+        stats = _count_outcomes(con, mode)
         stats.labelled = sum(stats.label_counts.values())
         stats.quarantined = sum(stats.reasons.values())
         if stats.labelled + stats.quarantined != stats.rows_in:
@@ -328,6 +354,35 @@ def label_records(
         return stats
     finally:
         con.close()
+
+
+def _count_outcomes(con: duckdb.DuckDBPyConnection, mode: LabelMode) -> LabelStats:
+    """The stats of the ``judged`` rows, from one pass that counts each combination of outcomes."""
+    groups = con.execute(
+        "SELECT reason, label, parse_method, answered, student_served, label_source, count(*) "
+        "FROM judged GROUP BY ALL"
+    ).fetchall()
+    stats = LabelStats()
+    reasons: dict[str, int] = {}
+    labels: dict[int, int] = {}
+    methods: dict[str, int] = {}
+    for reason, label, method, answered, student_served, source, count in groups:
+        stats.rows_in += count
+        stats.with_response += count if answered else 0
+        if reason is not None:
+            reasons[reason] = reasons.get(reason, 0) + count
+        else:
+            labels[label] = labels.get(label, 0) + count
+            methods[method] = methods.get(method, 0) + count
+            stats.student_served_filled += count if student_served and source == "teacher" else 0
+        if source == "teacher" and mode != "logged":
+            stats.to_teachers += count
+            stats.teacher_failures += 0 if answered else count
+    stats.student_served = reasons.get(STUDENT_SERVED_REASON, 0)
+    stats.reasons = dict(sorted(reasons.items(), key=lambda item: -item[1]))
+    stats.label_counts = dict(sorted(labels.items()))
+    stats.methods = dict(sorted(methods.items(), key=lambda item: -item[1]))
+    return stats
 
 
 def _judge_with_verdicts(con: duckdb.DuckDBPyConnection, verdicts: pa.Table | None, mode: LabelMode) -> None:
@@ -356,7 +411,7 @@ def _judge_with_verdicts(con: duckdb.DuckDBPyConnection, verdicts: pa.Table | No
             CASE
                 WHEN NOT t.use_teacher THEN l.logged_reason
                 WHEN v.input IS NULL THEN 'teacher: no verdict for this input'
-                WHEN v.t_label IS NULL THEN 'teacher: ' || coalesce(v.t_reason, 'no label')
+                WHEN v.t_label IS NULL THEN 'teacher: ' || {REDACT_FUNCTION}(coalesce(v.t_reason, 'no label'))
             END AS reason,
             CASE WHEN t.use_teacher THEN 'teacher' ELSE 'logged' END AS label_source,
             CASE WHEN t.use_teacher THEN v.t_agreement END AS teacher_agreement,
