@@ -369,8 +369,8 @@ def near_duplicates(
     # The added functions' values, filled in for the texts some candidate has named so far.
     refined = np.zeros((count, -(-REFINE_FUNCTIONS // 8)), np.uint64)
     is_refined = np.zeros(count, bool)
-    # Pairs verified and found wanting, as (earlier << 32 | later).
-    wanting = [np.zeros(0, np.uint64)]
+    # Pairs verified and found wanting, as (earlier << 32 | later), sorted.
+    wanting = np.zeros(0, np.uint64)
     for band in range(keys.shape[1]):
         order, positions = bucket_positions(keys[:, band], similar_to < 0, heads=heads, window=window)
         agreeing = agreeing_functions(np.take(packed, order, axis=0), positions, functions)
@@ -393,7 +393,7 @@ def near_duplicates(
         pairs, agreeing = pairs[promising], agreeing[promising]
         pair_keys = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
         # Looked up only for the pairs both filters kept: the memo is searched for a few.
-        fresh = ~_among(pair_keys, np.sort(np.concatenate(wanting), kind="stable"))
+        fresh = ~_among(pair_keys, wanting)
         pairs, agreeing, pair_keys = pairs[fresh], agreeing[fresh], pair_keys[fresh]
         if not len(pairs):
             continue
@@ -403,6 +403,7 @@ def near_duplicates(
         group_start = np.ones(len(pairs), dtype=bool)
         group_start[1:] = pairs[1:, 1] != pairs[:-1, 1]
         rank = np.arange(len(pairs)) - np.maximum.accumulate(np.where(group_start, np.arange(len(pairs)), 0))
+        found_wanting = [np.zeros(0, np.uint64)]
         for attempt in range(min(int(rank.max()) + 1, attempts)):
             trying = (rank == attempt) & (similar_to[pairs[:, 1]] < 0)
             if not trying.any():
@@ -410,5 +411,8 @@ def near_duplicates(
             close = exact_jaccard(word_ids, offsets, pairs[trying]) >= threshold
             confirmed = pairs[trying][close]
             similar_to[confirmed[:, 1]] = confirmed[:, 0]
-            wanting.append(pair_keys[trying][~close])
+            found_wanting.append(pair_keys[trying][~close])
+        # Two sorted runs: numpy's stable sort (timsort for 64-bit keys) merges them in one
+        # linear pass, where sorting the whole memo again each band would grow with the bands.
+        wanting = np.sort(np.concatenate([wanting, np.sort(np.concatenate(found_wanting))]), kind="stable")
     return similar_to
