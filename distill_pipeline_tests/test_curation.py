@@ -453,3 +453,16 @@ def test_signatures_are_the_same_whether_hashed_per_word_or_per_occurrence():
     # The low bytes alone, for scoring, are those of the full values.
     low = minhash.signatures(ids, offsets, low_bytes=True)
     assert low.dtype == np.uint8 and np.array_equal(low, few & 0xFF)
+
+
+def test_candidates_are_ranked_by_later_text_then_agreement_then_earliest_text():
+    rng = np.random.default_rng(4)
+    for count in (50, 3_000_000, 2**28):  # the last too many texts for one 64-bit key
+        pairs = np.stack([rng.integers(0, count, 5_000), rng.integers(0, count, 5_000)], 1).astype(np.int32)
+        pairs[:2_000, 1] = pairs[0, 1]  # many candidates of one later text
+        agreeing = rng.integers(0, 129, 5_000).astype(np.int16)
+        ranked = minhash._by_later_most_agreeing_first(pairs, agreeing, count)
+        expected = np.lexsort((pairs[:, 0], -agreeing, pairs[:, 1]))
+        # Equal keys (a repeated pair) may come in either order; the keys' sequence may not.
+        key = np.stack([pairs[:, 1], -agreeing, pairs[:, 0]], 1)
+        assert np.array_equal(key[ranked], key[expected])

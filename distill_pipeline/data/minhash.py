@@ -332,6 +332,21 @@ def exact_jaccard(word_ids: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) 
     return out
 
 
+def _by_later_most_agreeing_first(pairs: np.ndarray, agreeing: np.ndarray, count: int) -> np.ndarray:
+    """The order that groups ``pairs`` by later text, the most agreeing (then the earliest) first.
+
+    One sort of a 64-bit key (later, 255 - agreeing, earlier) where ``count`` texts leave room for
+    it, up to 2**27 texts: about a third of the cost of sorting the three keys one after another.
+    """
+    bits = max(int(count - 1).bit_length(), 1)
+    if 2 * bits + 8 > 63:
+        return np.lexsort((pairs[:, 0], -agreeing, pairs[:, 1]))
+    key = pairs[:, 1].astype(np.int64) << np.int64(bits + 8)
+    key |= (255 - agreeing).astype(np.int64) << np.int64(bits)
+    key |= pairs[:, 0]
+    return np.argsort(key)
+
+
 def near_duplicates(
     word_ids: np.ndarray,
     offsets: np.ndarray,
@@ -397,8 +412,7 @@ def near_duplicates(
         pairs, agreeing, pair_keys = pairs[fresh], agreeing[fresh], pair_keys[fresh]
         if not len(pairs):
             continue
-        # Grouped by later text, the most agreeing (then the earliest) candidate first.
-        ranked = np.lexsort((pairs[:, 0], -agreeing, pairs[:, 1]))
+        ranked = _by_later_most_agreeing_first(pairs, agreeing, count)
         pairs, pair_keys = pairs[ranked], pair_keys[ranked]
         group_start = np.ones(len(pairs), dtype=bool)
         group_start[1:] = pairs[1:, 1] != pairs[:-1, 1]
