@@ -350,7 +350,7 @@ def test_minhash_functions_are_independent_and_unbiased():
     assert 8 < agreeing.var() < 17
     # Scored on the values' low bytes, a pair agrees on a function with probability
     # 0.5 + 0.5 / 256, and never on fewer functions than the full values agree on.
-    packed = minhash.agreeing_functions(minhash.packed_signature(signature), pairs, signature.shape[1])
+    _, packed = minhash.agreeing_at_least(minhash.packed_signature(signature), pairs, signature.shape[1], 0)
     assert (packed >= agreeing).all()
     expected = minhash.agreement_probability(0.5) * signature.shape[1]
     assert abs(packed.mean() - expected) < 0.02 * signature.shape[1]
@@ -368,8 +368,14 @@ def test_packed_scores_count_agreeing_low_bytes_exactly():
         pairs[:500] = np.stack([np.arange(250), np.arange(250, 500)], 1).repeat(2, 0)
         low = signature & 0xFF
         expected = (low[pairs[:, 0]] == low[pairs[:, 1]]).sum(axis=1)
-        scored = minhash.agreeing_functions(minhash.packed_signature(signature), pairs, functions)
-        assert np.array_equal(scored, expected)
+        kept, scored = minhash.agreeing_at_least(minhash.packed_signature(signature), pairs, functions, 0)
+        assert np.array_equal(kept, pairs) and np.array_equal(scored, expected)
+        # Filtered: exactly the pairs at the least count or above, in order, their counts plus those given.
+        least = functions // 2
+        kept, scored = minhash.agreeing_at_least(
+            minhash.packed_signature(signature), pairs, functions, least, counted=np.ones(len(pairs), np.int16)
+        )
+        assert np.array_equal(kept, pairs[expected + 1 >= least]) and np.array_equal(scored, expected[expected + 1 >= least] + 1)
 
 
 def test_exact_jaccard_is_the_word_set_rule():

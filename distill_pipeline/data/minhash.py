@@ -63,6 +63,8 @@ REFINE_FUNCTIONS = 80
 SIGNATURE_SEED = 20_240_611
 #: Texts whose signatures are computed at a time: bounds the gathered values to a few MB.
 CHUNK_ROWS = 2048
+#: Candidate pairs scored at a time.
+SCORE_CHUNK_PAIRS = 1 << 16
 #: Pairs whose word sets are compared exactly at a time.
 EXACT_CHUNK_PAIRS = 1 << 16
 #: Hash functions evaluated over the vocabulary at a time: bounds that table to 64 bytes a word.
@@ -286,25 +288,43 @@ def agreement_probability(jaccard: float) -> float:
     return jaccard + (1.0 - jaccard) / 2**SCORE_BITS
 
 
-def agreeing_functions(packed: np.ndarray, pairs: np.ndarray, functions: int) -> np.ndarray:
+def _count_agreeing(packed: np.ndarray, pairs: np.ndarray, functions: int) -> np.ndarray:
     """For each pair, the number of the first ``functions`` functions on which its packed rows agree."""
-    # At most 255 functions, so a count fits a byte; int16 leaves room to add and to negate.
-    out = np.empty(len(pairs), np.int16)
-    step = 1 << 16
+    # np.take gathers rows about twice as fast as fancy indexing does.
+    differ = np.take(packed, pairs[:, 0], axis=0) ^ np.take(packed, pairs[:, 1], axis=0)
+    # A byte's high bit ends up set exactly when the byte is zero (the functions agree): its low
+    # seven bits plus 0x7F carry into the high bit unless they are all zero, and no carry
+    # crosses into the next byte.
+    zero = ~(((differ & _LOW7) + _LOW7) | differ | _LOW7)
+    # At most 255 functions, so a count fits a byte; int16 leaves room to add and to negate. The
+    # padding bytes past the last function agree in every pair.
+    return np.bitwise_count(zero).sum(axis=1, dtype=np.int16) - np.int16(packed.shape[1] * 8 - functions)
+
+
+def agreeing_at_least(
+    packed: np.ndarray, pairs: np.ndarray, functions: int, least: int, *, counted: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """The pairs that agree on at least ``least`` functions, with their counts (plus ``counted``,
+    each pair's count on other functions, where given), in their order.
+
+    Scored and filtered a chunk at a time on every core: the counts of the pairs dropped, most
+    of them, are never held, nor is a mask of the whole band.
+    """
+    kept: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def chunk(start: int) -> None:
-        block = pairs[start : start + step]
-        # np.take gathers rows about twice as fast as fancy indexing does.
-        differ = np.take(packed, block[:, 0], axis=0) ^ np.take(packed, block[:, 1], axis=0)
-        # A byte's high bit ends up set exactly when the byte is zero (the functions agree): its
-        # low seven bits plus 0x7F carry into the high bit unless they are all zero, and no
-        # carry crosses into the next byte.
-        zero = ~(((differ & _LOW7) + _LOW7) | differ | _LOW7)
-        out[start : start + step] = np.bitwise_count(zero).sum(axis=1, dtype=np.int16)
+        block = pairs[start : start + SCORE_CHUNK_PAIRS]
+        agreeing = _count_agreeing(packed, block, functions)
+        if counted is not None:
+            agreeing += counted[start : start + SCORE_CHUNK_PAIRS]
+        keep = agreeing >= least
+        kept[start] = (block[keep], agreeing[keep])
 
-    _each_chunk(chunk, len(pairs), step)
-    # The padding bytes past the last function agree in every pair.
-    return out - (packed.shape[1] * 8 - functions)
+    _each_chunk(chunk, len(pairs), SCORE_CHUNK_PAIRS)
+    starts = sorted(kept)
+    if not starts:
+        return pairs[:0], np.zeros(0, np.int16)
+    return np.concatenate([kept[start][0] for start in starts]), np.concatenate([kept[start][1] for start in starts])
 
 
 def exact_jaccard(word_ids: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) -> np.ndarray:
@@ -388,14 +408,11 @@ def near_duplicates(
     wanting = np.zeros(0, np.uint64)
     for band in range(keys.shape[1]):
         order, positions = bucket_positions(keys[:, band], similar_to < 0, heads=heads, window=window)
-        agreeing = agreeing_functions(np.take(packed, order, axis=0), positions, functions)
-        promising = agreeing >= first_filter
-        positions, agreeing = positions[promising], agreeing[promising]
-        pairs = order[positions]
-        if not len(pairs):
+        positions, agreeing = agreeing_at_least(np.take(packed, order, axis=0), positions, functions, first_filter)
+        if not len(positions):
             continue
         named = np.zeros(count, bool)
-        named[pairs.ravel()] = True
+        named[order[positions.ravel()]] = True
         new = np.flatnonzero(named & ~is_refined)
         if len(new):
             added = signatures(*_subset(word_ids, offsets, new), seeds[functions:], low_bytes=True)
@@ -403,9 +420,8 @@ def near_duplicates(
             is_refined[new] = True
         # In the bucket order too (a row not named is never read: every text of a pair is named).
         by_bucket = np.take(refined, order, axis=0)
-        agreeing += agreeing_functions(by_bucket, positions, REFINE_FUNCTIONS)
-        promising = agreeing >= second_filter
-        pairs, agreeing = pairs[promising], agreeing[promising]
+        positions, agreeing = agreeing_at_least(by_bucket, positions, REFINE_FUNCTIONS, second_filter, counted=agreeing)
+        pairs = order[positions]
         pair_keys = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
         # Looked up only for the pairs both filters kept: the memo is searched for a few.
         fresh = ~_among(pair_keys, wanting)
