@@ -421,6 +421,8 @@ def near_duplicates(
         # In the bucket order too (a row not named is never read: every text of a pair is named).
         by_bucket = np.take(refined, order, axis=0)
         positions, agreeing = agreeing_at_least(by_bucket, positions, REFINE_FUNCTIONS, second_filter, counted=agreeing)
+        # Released before the next band's copy is made, not after: the two would be held at once.
+        del by_bucket
         pairs = order[positions]
         pair_keys = (pairs[:, 0].astype(np.uint64) << np.uint64(32)) | pairs[:, 1].astype(np.uint64)
         # Looked up only for the pairs both filters kept: the memo is searched for a few.
