@@ -870,7 +870,10 @@ def main() -> None:
         )
     variants.append(Variant("pandas", "pandas"))
     sizes = sorted(args.sizes or (QUICK_SIZES if args.quick else DEFAULT_SIZES))
-    command = " ".join(["python bench/bench_data_plane.py", *sys.argv[1:]])
+    # The report names the run's options, not this machine's directories.
+    command = " ".join(
+        ["python bench/bench_data_plane.py", *("DIR" if arg == str(args.workdir) else arg for arg in sys.argv[1:])]
+    )
     inputs: dict[int, dict[str, Any]] = {}
     results: dict[int, dict[str, dict[str, Any]]] = {}
     same_work: dict[int, list[str]] = {}

@@ -37,7 +37,7 @@ def connect(workdir: Path | None = None, *, memory_limit: str = DEFAULT_MEMORY_L
 
 
 @contextmanager
-def set_aside(con: duckdb.DuckDBPyConnection, *, memory_limit: str = DEFAULT_MEMORY_LIMIT) -> Iterator[None]:
+def set_aside(con: duckdb.DuckDBPyConnection, *, memory_limit: str) -> Iterator[None]:
     """DuckDB held to ``SET_ASIDE_MEMORY_LIMIT`` for the block, then given ``memory_limit`` back.
 
     For a stage that leaves DuckDB idle while numpy works on what it fetched: DuckDB keeps its
