@@ -19,6 +19,7 @@ echoed never reaches the quarantine table, the review table, the stats or the ma
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -140,8 +141,7 @@ END)"""
 
 def _logged_view(con: duckdb.DuckDBPyConnection, records_path: Path, task: Task) -> None:
     """A ``logged`` view: every record with the label its logged response gives, or why none."""
-    path = duck.sql_string(str(records_path))
-    source = f"read_parquet({path})"
+    source = f"read_parquet({duck.sql_string(str(records_path))})"
     present = {row[0] for row in con.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     absent = "".join(f", NULL::VARCHAR AS {name}" for name in SERVING_COLUMNS if name not in present)
     con.execute(f"CREATE VIEW records AS SELECT *{absent} FROM {source}")
@@ -204,7 +204,6 @@ class _ParseLookup:
         order = np.argsort(hashes, kind="stable")
         self.hashes = hashes[order]
         self.responses = pa.array(responses, pa.string()).take(pa.array(order))
-        self.position = {response: index for index, response in enumerate(self.responses.to_pylist())}
         self.parses = pa.StructArray.from_arrays(
             [
                 pa.array([results[i].label for i in order], pa.int64()),
@@ -214,6 +213,11 @@ class _ParseLookup:
             ],
             names=["label", "parse_method", "parse_error"],
         )
+
+    @functools.cached_property
+    def position(self) -> dict[str, int]:
+        """Each response's row, for the rows a hash did not confirm: built only if one is met."""
+        return {response: index for index, response in enumerate(self.responses.to_pylist())}
 
     def __call__(self, hashes: pa.Array, responses: pa.Array) -> pa.Array:
         missing = responses.is_null().to_numpy(zero_copy_only=False)
@@ -346,7 +350,7 @@ def label_records(
             f"FROM judged WHERE reason IS NOT NULL{in_order}",
             quarantine_path,
         )
-        stats = _count_outcomes(con, mode)
+        stats = _count_outcomes(con)
         stats.labelled = sum(stats.label_counts.values())
         stats.quarantined = sum(stats.reasons.values())
         if stats.labelled + stats.quarantined != stats.rows_in:
@@ -356,7 +360,7 @@ def label_records(
         con.close()
 
 
-def _count_outcomes(con: duckdb.DuckDBPyConnection, mode: LabelMode) -> LabelStats:
+def _count_outcomes(con: duckdb.DuckDBPyConnection) -> LabelStats:
     """The stats of the ``judged`` rows, from one pass that counts each combination of outcomes."""
     groups = con.execute(
         "SELECT reason, label, parse_method, answered, student_served, label_source, count(*) "
@@ -375,7 +379,7 @@ def _count_outcomes(con: duckdb.DuckDBPyConnection, mode: LabelMode) -> LabelSta
             labels[label] = labels.get(label, 0) + count
             methods[method] = methods.get(method, 0) + count
             stats.student_served_filled += count if student_served and source == "teacher" else 0
-        if source == "teacher" and mode != "logged":
+        if source == "teacher":
             stats.to_teachers += count
             stats.teacher_failures += 0 if answered else count
     stats.student_served = reasons.get(STUDENT_SERVED_REASON, 0)

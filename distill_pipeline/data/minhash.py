@@ -342,7 +342,8 @@ def exact_jaccard(word_ids: np.ndarray, offsets: np.ndarray, pairs: np.ndarray) 
         words, bounds = _subset(word_ids, offsets, block.ravel())
         sizes = bounds[2::2] - bounds[:-1:2]
         tags = np.repeat(np.arange(len(block), dtype=np.uint64), sizes)
-        # numpy's stable sort (a radix sort for integers) is several times faster than its default here.
+        # numpy's stable sort (timsort for 64-bit keys) finds the tags already in order and only
+        # sorts within each pair's words: several times faster than its default here.
         keys = np.sort((tags << np.uint64(32)) | words.astype(np.uint64), kind="stable")
         shared = keys[1:][keys[1:] == keys[:-1]] >> np.uint64(32)
         intersection = np.bincount(shared.astype(np.int64), minlength=len(block))
